@@ -1,0 +1,559 @@
+"""The pipeline job: raw impressions, items, users and images in; a processed dataset out.
+
+Stages (each a Dask computation; the driver only ever holds per-ID tables, never the impressions):
+1. read + validate every row; bad rows go to the quarantine with their reason (written by the
+   worker that found them);
+2. split boundaries by time, and train-split ID counts;
+3. vocabularies and the per-item / per-user lookup tables (small, built on the driver);
+4. shuffle by user, then per partition: behaviour histories (no look-ahead), encoding, and one
+   Parquet shard per split; at the same time, image blocks are decoded into the packed store;
+5. manifest, quarantine listings, contact sheet, MLflow run; the output directory appears by rename.
+
+See docs/DATA.md for what is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from image_service import store as image_store
+from pipeline import images as image_decode
+from pipeline.sequences import build_histories
+from pipeline.source import SourceSpec, file_format, load_source
+from pipeline.validate import validate
+from pipeline.vocab import OOV, build_vocab, encode, frequency_summary, vocab_size
+from vitrine.atomic import atomic_dir
+from vitrine.errors import UserError
+
+FORMAT_VERSION = 1
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+SPLITS = ("train", "valid", "test")
+AMS_BATCH = 1024  # batch size at which the per-batch image dedup ratio is reported
+
+
+def _h(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class PipelineConfig:
+    raw: str = field(default="data/raw/demo", metadata=_h("raw source directory (with source.toml, or default file names)"))
+    out: str = field(default="data/processed/demo", metadata=_h("where to write the processed dataset"))
+    source: str | None = field(default=None, metadata=_h("source TOML describing tables and columns (default RAW/source.toml)"))
+    map: tuple[str, ...] = field(default=(), metadata=_h("column mapping TABLE.FIELD=COLUMN, e.g. --map user=uid --map items.category=cat", action="append"))
+    impressions: str | None = field(default=None, metadata=_h("impression log file/dir/glob, overriding the source file"))
+    items: str | None = field(default=None, metadata=_h("item table file, overriding the source file"))
+    users: str | None = field(default=None, metadata=_h("user table file, overriding the source file"))
+    images: str | None = field(default=None, metadata=_h("image folder, overriding the source file"))
+    scheduler: str | None = field(default=None, metadata=_h("address of an existing Dask scheduler (default: start a LocalCluster)"))
+    workers: int = field(default=2, metadata=_h("LocalCluster worker processes"))
+    threads_per_worker: int = field(default=1, metadata=_h("threads per LocalCluster worker"))
+    max_behaviors: int = field(default=20, metadata=_h("L: clicks kept per behaviour sequence"))
+    image_size: int = field(default=64, metadata=_h("S: images are stored as S x S RGB"))
+    min_count: int = field(default=2, metadata=_h("IDs seen fewer times in train map to out-of-vocabulary"))
+    valid_days: int = field(default=1, metadata=_h("days before the test days that form the valid split"))
+    test_days: int = field(default=1, metadata=_h("last days of the log that form the test split"))
+    partition_rows: int = field(default=250_000, metadata=_h("target rows per output partition"))
+    max_image_bytes: int = field(default=10_000_000, metadata=_h("images larger than this file size are replaced"))
+    max_image_pixels: int = field(default=25_000_000, metadata=_h("images with more pixels than this are replaced, before decoding"))
+    image_formats: tuple[str, ...] = field(default=("PNG", "JPEG", "WEBP", "GIF", "BMP"), metadata=_h("allowed image formats"))
+    overwrite: bool = field(default=False, metadata=_h("replace an existing output directory"))
+    track: bool = field(default=True, metadata=_h("log the run to MLflow"))
+    progress: bool = field(default=True, metadata=_h("show progress"))
+
+    def check(self) -> None:
+        for name in ("max_behaviors", "image_size", "min_count", "partition_rows", "max_image_bytes", "max_image_pixels"):
+            if getattr(self, name) < (0 if name == "max_behaviors" else 1):
+                raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.valid_days < 0 or self.test_days < 1:
+            raise UserError("--test-days must be >= 1 and --valid-days >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tables
+
+
+def _read_small_table(spec: SourceSpec, table, wanted: list[str], extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Items / users tables: read on the driver (they are per-ID, not per-event). `wanted` are
+    logical names mapped through the spec, `extra` physical columns kept under their own names."""
+    files = spec.files(table)
+    fmt = file_format(files, f"{table.path}")
+    cols = list(dict.fromkeys([table.columns[w] for w in wanted if w in table.columns] + list(extra)))
+    if fmt == "parquet":
+        frame = pd.concat([pd.read_parquet(f, columns=cols) for f in files], ignore_index=True)
+    else:
+        frame = pd.concat([pd.read_csv(f, usecols=cols, dtype="string") for f in files], ignore_index=True)
+    inverse = {v: k for k, v in table.columns.items() if k in wanted}
+    return frame.rename(columns=inverse)
+
+
+def _align_key(values: pd.Series, like: pd.Series) -> pd.Series:
+    """Make a table's key column comparable to the impressions' (CSV text vs Parquet integers)."""
+    if pd.api.types.is_string_dtype(like.dtype) or like.dtype == object:
+        return values.astype("string").str.strip()
+    if pd.api.types.is_integer_dtype(like.dtype):
+        num = pd.to_numeric(values, errors="coerce")
+        return num.astype("Int64")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker-side functions (plain arguments only: they run in Dask worker processes)
+
+
+def _validate_partition(df: pd.DataFrame, columns: dict, unit: str, offsets: list[int], qdir: str, partition_info=None):
+    i = partition_info["number"] if partition_info else 0
+    good, bad = validate(df, columns, unit, offsets[i] if i < len(offsets) else 0)
+    if len(bad):
+        path = Path(qdir) / f"part-{i:05d}.parquet"
+        bad.to_parquet(path.with_suffix(".tmp"), index=False)
+        os.replace(path.with_suffix(".tmp"), path)
+    return good
+
+
+def _ragged_take(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lengths = (offsets[1:] - offsets[:-1])[rows]
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    starts = offsets[:-1][rows]
+    idx = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(int(new_offsets[-1]), dtype=np.int64)
+    return new_offsets, values[idx]
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=pa.int64()))
+
+
+def _build_partition(
+    df: pd.DataFrame,
+    item_table: pd.DataFrame,
+    user_table: pd.DataFrame,
+    hour_vocab: pd.DataFrame,
+    bounds: tuple[int, int],
+    max_len: int,
+    out_dir: str,
+    partition_info=None,
+) -> pd.DataFrame:
+    """One user-partition: histories, encoding, one shard per split. Returns a stats row."""
+    part = partition_info["number"] if partition_info else 0
+    n = len(df)
+    ts = df["timestamp"].to_numpy(dtype=np.int64)
+    imp = df["impression_id"].to_numpy(dtype=np.int64)
+    label = df["label"].to_numpy(dtype=np.int8)
+    ucode = pd.factorize(df["user"])[0]
+    ipos = item_table.index.get_indexer(pd.Index(df["item"]))
+    upos = user_table.index.get_indexer(pd.Index(df["user"]))
+    if n and ((ipos < 0).any() or (upos < 0).any()):
+        raise RuntimeError("internal: an impression's item or user is missing from the lookup tables")
+
+    offsets, hist_rows = build_histories(ucode, ts, imp, label == 1, max_len)
+    hist_ipos = ipos[hist_rows]
+
+    columns: dict[str, np.ndarray] = {
+        "impression_id": imp,
+        "timestamp": ts,
+        "label": label,
+        "group_id": user_table["group_id"].to_numpy()[upos],
+        "cold_item": item_table["cold"].to_numpy()[ipos],
+    }
+    for col in user_table.columns:
+        if col != "group_id":
+            columns[col] = user_table[col].to_numpy()[upos]
+    for col in item_table.columns:
+        if col not in ("cold", "image_row"):
+            columns[col] = item_table[col].to_numpy()[ipos]
+    hours = (ts // HOUR_MS) % 24
+    columns["hour"] = encode(hours, hour_vocab)
+    has_images = "image_row" in item_table.columns
+    if has_images:
+        columns["ad_image"] = item_table["image_row"].to_numpy()[ipos]
+    seq_sources = {"hist_item_id": "item_id", "hist_category_id": "category_id", "hist_image_id": "image_id"}
+    hist_values = {h: item_table[src].to_numpy()[hist_ipos] for h, src in seq_sources.items() if src in item_table.columns}
+    if has_images:
+        hist_values["hist_image"] = item_table["image_row"].to_numpy()[hist_ipos]
+
+    split = np.where(ts < bounds[0], 0, np.where(ts < bounds[1], 1, 2))
+    order = np.lexsort((imp, ts))
+    stats: dict = {"partition": part}
+    if has_images:
+        stats.update(batch_image_occurrences=0, batch_image_unique=0, hist_image_occurrences=int(len(hist_rows)),
+                     hist_images=np.unique(hist_values["hist_image"]))
+    for s, name in enumerate(SPLITS):
+        rows = order[split[order] == s]
+        stats[f"{name}_rows"] = len(rows)
+        stats[f"{name}_positives"] = int(label[rows].sum())
+        stats[f"{name}_cold"] = int(columns["cold_item"][rows].sum())
+        stats[f"{name}_tmin"] = int(ts[rows].min()) if len(rows) else -1
+        stats[f"{name}_tmax"] = int(ts[rows].max()) if len(rows) else -1
+        if not len(rows):
+            continue
+        arrays = {k: pa.array(v[rows]) for k, v in columns.items()}
+        sub_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        sub_values = {}
+        for hname, values in hist_values.items():
+            sub_offsets, sub_values[hname] = _ragged_take(offsets, values, rows)
+            arrays[hname] = _list_array(sub_offsets, sub_values[hname])
+        arrays["hist_len"] = pa.array((sub_offsets[1:] - sub_offsets[:-1]).astype(np.int32))
+        table = pa.table(arrays)
+        path = Path(out_dir) / name / f"part-{part:05d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        if name == "train" and has_images:
+            occ, uniq = _batch_dedup(columns["ad_image"][rows], sub_offsets, sub_values["hist_image"])
+            stats["batch_image_occurrences"] = occ
+            stats["batch_image_unique"] = uniq
+    return pd.DataFrame([stats])
+
+
+def _batch_dedup(ad_image: np.ndarray, offsets: np.ndarray, hist_image: np.ndarray) -> tuple[int, int]:
+    """Image occurrences vs unique images per batch of AMS_BATCH rows (what AMS's merge saves)."""
+    occ = uniq = 0
+    for start in range(0, len(ad_image), AMS_BATCH):
+        stop = min(start + AMS_BATCH, len(ad_image))
+        ids = np.concatenate([ad_image[start:stop], hist_image[offsets[start]:offsets[stop]]])
+        occ += len(ids)
+        uniq += len(np.unique(ids))
+    return occ, uniq
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def _stage(progress: bool, n: int, text: str) -> None:
+    if progress:
+        print(f"[{n}/5] {text}", flush=True)
+
+
+def _wait(client, futures, progress: bool):
+    if progress:
+        from distributed import progress as dask_progress
+
+        dask_progress(futures)
+        print(flush=True)
+    return client.gather(futures)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run the job; returns the manifest. Raises UserError for anything the user can fix."""
+    cfg.check()
+    t0 = time.perf_counter()
+    spec = load_source(Path(cfg.raw), Path(cfg.source) if cfg.source else None, cfg.map,
+                       cfg.impressions, cfg.items, cfg.users, cfg.images)
+    out = Path(cfg.out).resolve()
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"output {out} already exists; pass --overwrite to replace it")
+    from pipeline.tracking import pipeline_run
+
+    with pipeline_run(cfg, out) as run, atomic_dir(out, overwrite=cfg.overwrite, what="output") as tmp:
+        from pipeline.cluster import dask_client
+
+        with dask_client(cfg.scheduler, cfg.workers, cfg.threads_per_worker) as client:
+            manifest = _run(cfg, spec, out, tmp, client, run)
+        manifest["elapsed_s"] = round(time.perf_counter() - t0, 3)
+        manifest["events_per_s"] = round(manifest["counts"]["rows_in"] / max(manifest["elapsed_s"], 1e-9), 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        if run is not None:
+            run.finish(manifest, tmp)
+    return manifest
+
+
+def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, run) -> dict:
+    import dask
+    import dask.dataframe as dd
+
+    progress = cfg.progress
+    for d in ("quarantine/impressions", "vocab", "images", *SPLITS):
+        (tmp / d).mkdir(parents=True, exist_ok=True)
+
+    # 1. read + validate ------------------------------------------------------------------
+    _stage(progress, 1, "reading and validating impressions")
+    imp_files = spec.files(spec.impressions)
+    fmt = file_format(imp_files, str(spec.impressions.path))
+    cols = list(dict.fromkeys(spec.impressions.columns.values()))
+    if fmt == "parquet":
+        raw = dd.read_parquet([str(f) for f in imp_files], columns=cols)
+    else:
+        raw = dd.read_csv([str(f) for f in imp_files], usecols=cols, dtype="string", blocksize="64MB")
+    lengths = client.compute(raw.map_partitions(len, meta=(None, "int64")))
+    lengths = list(lengths.result())
+    offsets = [0]
+    for ln in lengths[:-1]:
+        offsets.append(offsets[-1] + int(ln))
+    rows_in = int(sum(lengths))
+    if rows_in == 0:
+        raise UserError(f"{spec.impressions.path}: the impression log is empty")
+    qdir = tmp / "quarantine" / "impressions"
+    meta_good, _ = validate(raw._meta, spec.impressions.columns, spec.timestamp_unit, 0)
+    good = raw.map_partitions(
+        _validate_partition, dict(spec.impressions.columns), spec.timestamp_unit, offsets, str(qdir),
+        meta=meta_good,
+    )
+    good = client.persist(good)
+    if progress:
+        from distributed import progress as dask_progress
+
+        dask_progress(good)
+        print(flush=True)
+
+    # 2. time split and train counts ------------------------------------------------------
+    _stage(progress, 2, "splitting by time and counting IDs")
+    tmin, tmax, rows_ok = dask.compute(good.timestamp.min(), good.timestamp.max(), good.map_partitions(len).sum())
+    rows_ok = int(rows_ok)
+    if rows_ok == 0:
+        raise UserError(f"every row of {spec.impressions.path} was quarantined; see {out}/quarantine after fixing the columns")
+    tmin, tmax = int(tmin), int(tmax)
+    test_start = (tmax // DAY_MS - cfg.test_days + 1) * DAY_MS
+    valid_start = test_start - cfg.valid_days * DAY_MS
+    if valid_start <= tmin:
+        days = (tmax - tmin) / DAY_MS
+        raise UserError(
+            f"the log spans {days:.1f} days, too few for --valid-days {cfg.valid_days} and --test-days "
+            f"{cfg.test_days} with training days before them; lower them or add data"
+        )
+    train = good[good.timestamp < valid_start]
+    item_all, item_train, user_train, hour_train = dask.compute(
+        good.item.value_counts(),
+        train.item.value_counts(),
+        train.user.value_counts(),
+        train.map_partitions(lambda d: (d.timestamp // HOUR_MS) % 24, meta=("timestamp", "int64")).value_counts(),
+    )
+
+    # 3. vocabularies and lookup tables ---------------------------------------------------
+    _stage(progress, 3, "building vocabularies")
+    vocabs: dict[str, pd.DataFrame] = {}
+    item_keys = pd.Index(item_all.index)
+    items = None
+    if spec.items is not None:
+        items = _read_small_table(spec, spec.items, ["item", "category", "shop", "image"])
+        items["item"] = _align_key(items["item"], good._meta["item"])
+        dup = int(items["item"].duplicated().sum())
+        items = items.dropna(subset=["item"]).drop_duplicates("item", keep="first")
+        item_keys = item_keys.union(pd.Index(items["item"].dropna())) if len(items) else item_keys
+    else:
+        dup = 0
+    item_table = pd.DataFrame(index=item_keys)
+    vocabs["item_id"] = build_vocab(item_train, cfg.min_count)
+    item_table["item_id"] = encode(item_table.index, vocabs["item_id"])
+    train_counts = item_train.reindex(item_table.index, fill_value=0)
+    item_table["cold"] = train_counts.to_numpy() == 0
+    n_images = 0
+    image_keys: pd.Index = pd.Index([])
+    if items is not None:
+        attrs = items.set_index("item").reindex(item_table.index)
+        for logical in ("category", "shop"):
+            if logical in attrs.columns:
+                name = f"{logical}_id"
+                counts = train_counts.groupby(attrs[logical].to_numpy()).sum()
+                vocabs[name] = build_vocab(counts[counts > 0], cfg.min_count)
+                item_table[name] = encode(attrs[logical], vocabs[name])
+        if "image" in attrs.columns and spec.images_dir is not None:
+            keys = attrs["image"].astype("string")
+            image_keys = pd.Index(keys.dropna().unique()).sort_values()
+            n_images = len(image_keys)
+            counts = train_counts.groupby(keys.to_numpy()).sum()
+            vocabs["image_id"] = build_vocab(counts[counts > 0], cfg.min_count)
+            item_table["image_id"] = encode(keys, vocabs["image_id"])
+            row = image_keys.get_indexer(pd.Index(keys))
+            item_table["image_row"] = np.where(row >= 0, row + 1, 0).astype(np.int64)
+
+    user_keys = pd.Index(good.user.unique().compute())
+    user_table = pd.DataFrame(index=user_keys)
+    vocabs["user_id"] = build_vocab(user_train, cfg.min_count)
+    user_table["user_id"] = encode(user_table.index, vocabs["user_id"])
+    user_train_counts = user_train.reindex(user_table.index, fill_value=0)
+    if spec.users is not None and spec.user_profile:
+        users = _read_small_table(spec, spec.users, ["user"], spec.user_profile)
+        users["user"] = _align_key(users["user"], good._meta["user"])
+        users = users.dropna(subset=["user"]).drop_duplicates("user").set_index("user").reindex(user_table.index)
+        for prof in spec.user_profile:
+            counts = user_train_counts.groupby(users[prof].to_numpy()).sum()
+            vocabs[prof] = build_vocab(counts[counts > 0], cfg.min_count)
+            user_table[prof] = encode(users[prof], vocabs[prof])
+    user_table["group_id"] = pd.util.hash_array(user_table.index.to_numpy()).view(np.int64)
+    vocabs["hour"] = build_vocab(hour_train, 1)
+
+    for name, frame in vocabs.items():
+        frame.to_parquet(tmp / "vocab" / f"{name}.parquet", index=False)
+
+    # 4. histories + shards, and the image store, in one computation ------------------------
+    _stage(progress, 4, f"building behaviour sequences and shards; decoding {n_images} images")
+    nparts = max(cfg.workers if not cfg.scheduler else 1, int(np.ceil(rows_ok / cfg.partition_rows)))
+    shuffled = good.shuffle(on="user", npartitions=nparts)
+    item_d = dask.delayed(item_table, pure=True)
+    user_d = dask.delayed(user_table, pure=True)
+    stats_meta = _build_partition(
+        good._meta, item_table.iloc[:0], user_table.iloc[:0], vocabs["hour"], (valid_start, test_start),
+        cfg.max_behaviors, str(tmp / ".meta"), partition_info={"number": 0},
+    )
+    stats = shuffled.map_partitions(
+        _build_partition, item_d, user_d, vocabs["hour"], (valid_start, test_start), cfg.max_behaviors, str(tmp),
+        meta=stats_meta, align_dataframes=False,
+    )
+    image_tasks = []
+    if n_images:
+        pixels_path = image_store.create_store(tmp, n_images + 1, cfg.image_size)
+        limits = image_decode.ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels, tuple(cfg.image_formats))
+        block = 256
+        keys = [str(k) for k in image_keys]
+        for start in range(0, n_images, block):
+            image_tasks.append(dask.delayed(image_decode.decode_block, pure=False)(
+                str(spec.images_dir), keys[start:start + block], start + 1, str(pixels_path), cfg.image_size, limits,
+            ))
+    with warnings.catch_warnings():
+        # Shards (an expression) and image blocks (delayed) run in one computation on purpose, so
+        # decoding overlaps the shuffle; dask warns that this materialises the expression.
+        warnings.filterwarnings("ignore", message="Computing mixed collections")
+        futures = client.compute([stats, *image_tasks])
+    results = _wait(client, futures, progress)
+    stats_df, image_frames = results[0], results[1:]
+    del good, shuffled, train  # release the persisted rows on the workers
+
+    # 5. manifest and listings -------------------------------------------------------------
+    _stage(progress, 5, "writing manifest")
+    qparts = sorted(qdir.glob("part-*.parquet"))
+    reasons = (pd.concat([pd.read_parquet(p, columns=["reason"]) for p in qparts])["reason"].value_counts()
+               if qparts else pd.Series(dtype="int64"))
+    image_info = None
+    if n_images:
+        index = pd.concat(
+            [pd.DataFrame({"image_index": [0], "key": [""], "source": [""], "status": ["placeholder"],
+                           "reason": ["shown where an item has no image"]}), *image_frames],
+            ignore_index=True,
+        )
+        index.to_parquet(tmp / image_store.INDEX, index=False)
+        bad_images = index[(index.status != "ok") & (index.image_index > 0)]
+        bad_images.to_parquet(tmp / "quarantine" / "images.parquet", index=False)
+        image_info = {
+            "path": image_store.PIXELS, "index": image_store.INDEX,
+            "shape": [n_images + 1, cfg.image_size, cfg.image_size, 3], "dtype": "uint8",
+            "status_counts": {str(k): int(v) for k, v in index.status.value_counts().items()},
+        }
+    oracle = _copy_oracle(spec, tmp)
+
+    splits = {}
+    for name in SPLITS:
+        shards = [
+            {"file": f"{name}/part-{int(r.partition):05d}.parquet", "rows": int(getattr(r, f'{name}_rows'))}
+            for r in stats_df.sort_values("partition").itertuples() if getattr(r, f"{name}_rows") > 0
+        ]
+        tmins = stats_df[f"{name}_tmin"][stats_df[f"{name}_tmin"] >= 0]
+        tmaxs = stats_df[f"{name}_tmax"][stats_df[f"{name}_tmax"] >= 0]
+        splits[name] = {
+            "rows": int(stats_df[f"{name}_rows"].sum()),
+            "positives": int(stats_df[f"{name}_positives"].sum()),
+            "cold_item_rows": int(stats_df[f"{name}_cold"].sum()),
+            "start": _iso(int(tmins.min())) if len(tmins) else None,
+            "end": _iso(int(tmaxs.max())) if len(tmaxs) else None,
+            "shards": shards,
+        }
+    images_summary = {}
+    if n_images:
+        occ = int(stats_df["hist_image_occurrences"].sum())
+        unique = int(len(np.unique(np.concatenate(list(stats_df["hist_images"])))))
+        b_occ = int(stats_df["batch_image_occurrences"].sum())
+        b_uniq = int(stats_df["batch_image_unique"].sum())
+        images_summary = {
+            "behavior_image_occurrences": occ,
+            "behavior_unique_images": unique,
+            "batch_size": AMS_BATCH,
+            "batch_image_occurrences": b_occ,
+            "batch_unique_images": b_uniq,
+            "batch_dedup_ratio": round(b_occ / b_uniq, 3) if b_uniq else None,
+        }
+
+    fields = _fields(vocabs, spec, cfg, n_images > 0)
+    quarantined = int(reasons.sum()) if len(reasons) else 0
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": out.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": spec.describe(),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "fields": fields,
+        "label": "label",
+        "splits": splits,
+        "split_bounds": {"valid_start": _iso(valid_start), "test_start": _iso(test_start)},
+        "images": image_info,
+        "behavior_images": images_summary,
+        "frequency": {name: frequency_summary(v) for name, v in vocabs.items()},
+        "counts": {
+            "rows_in": rows_in,
+            "rows_out": int(sum(s["rows"] for s in splits.values())),
+            "quarantined": quarantined,
+            "quarantine_reasons": {str(k): int(v) for k, v in reasons.items()},
+            "items_in_log_without_item_row": int(len(item_keys.difference(pd.Index(items["item"])))) if items is not None else None,
+            "duplicate_item_rows": dup,
+            "users": int(len(user_table)),
+            "items": int(len(item_table)),
+            "cold_items": int(item_table["cold"].sum()),
+        },
+        "oracle": oracle,
+        "mlflow_run_id": run.run_id if run is not None else None,
+    }
+    if manifest["counts"]["rows_out"] + quarantined != rows_in:
+        raise RuntimeError(f"internal: {rows_in} rows in but {manifest['counts']['rows_out']} out + {quarantined} quarantined")
+    return manifest
+
+
+def _copy_oracle(spec: SourceSpec, tmp: Path) -> dict:
+    """Ground truth (synthetic worlds only) goes beside the shards, never into them."""
+    if spec.truth is None:
+        return {"available": False}
+    files = spec.files(spec.truth)
+    cols = spec.truth.columns
+    (tmp / "oracle").mkdir(exist_ok=True)
+    writer = None
+    rows = 0
+    try:
+        for f in files:
+            pf = pq.ParquetFile(f) if f.suffix == ".parquet" else None
+            batches = (pf.iter_batches(columns=[cols["impression_id"], cols["p_click"]]) if pf is not None else
+                       [pa.RecordBatch.from_pandas(pd.read_csv(f, usecols=[cols["impression_id"], cols["p_click"]]), preserve_index=False)])
+            for b in batches:
+                t = pa.table({"impression_id": b.column(0).cast(pa.int64()), "p_click": b.column(1).cast(pa.float64())})
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp / "oracle" / "p_click.parquet", t.schema)
+                writer.write_table(t)
+                rows += len(t)
+    finally:
+        if writer is not None:
+            writer.close()
+    return {"available": True, "path": "oracle/p_click.parquet", "rows": rows}
+
+
+def _fields(vocabs: dict[str, pd.DataFrame], spec: SourceSpec, cfg: PipelineConfig, images: bool) -> list[dict]:
+    def cat(name: str, group: str, vocab: str | None = None) -> dict:
+        v = vocab or name
+        return {"name": name, "kind": "categorical", "vocab": v, "vocab_size": vocab_size(vocabs[v]), "group": group}
+
+    def seq(name: str, vocab: str) -> dict:
+        return {"name": name, "kind": "sequence", "vocab": vocab, "vocab_size": vocab_size(vocabs[vocab]),
+                "max_len": cfg.max_behaviors, "group": "behavior"}
+
+    fields = [cat("user_id", "user")]
+    fields += [cat(p, "user") for p in spec.user_profile if p in vocabs]
+    fields += [cat(n, "ad") for n in ("item_id", "category_id", "shop_id", "image_id") if n in vocabs]
+    fields.append(cat("hour", "context"))
+    fields += [seq(f"hist_{n}", n) for n in ("item_id", "category_id", "image_id") if n in vocabs]
+    if images:
+        fields.append({"name": "ad_image", "kind": "image", "group": "ad"})
+        fields.append({"name": "hist_image", "kind": "image_sequence", "max_len": cfg.max_behaviors, "group": "behavior"})
+    return fields
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,93 @@
+"""Typed configs as dataclasses, exposed on the command line without writing each flag twice.
+
+Every job's settings are a dataclass with defaults; `add_dataclass_args` turns its fields into
+`--kebab-case` flags (help text from the field's `metadata["help"]`), and `from_args` builds the
+dataclass back from the parsed namespace. The dataclass stays the single source of truth, so the
+CLI, the dashboard's forms and MLflow params all see the same names and defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Strip Optional[...]; return (type, optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp, _optional = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {default!r})"}
+        if f.metadata.get("action") == "append":
+            kwargs.update(action="append", default=None, type=str)
+        elif tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = default
+        elif typing.get_origin(tp) in (list, tuple):
+            (item_tp, *_rest) = typing.get_args(tp) or (str,)
+            kwargs["type"] = item_tp
+            kwargs["nargs"] = "*"
+            kwargs["default"] = default
+        elif typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+            kwargs["choices"] = choices
+            kwargs["type"] = type(choices[0])
+            kwargs["default"] = default
+        else:
+            kwargs["type"] = tp
+            kwargs["default"] = default
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif hasattr(ns, f.name):
+            v = getattr(ns, f.name)
+            if v is None and f.metadata.get("action") == "append":
+                v = f.default
+            if isinstance(v, list) and typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple:
+                v = tuple(v)
+            values[f.name] = v
+    return cls(**values)  # type: ignore[call-arg]
+
+
+def as_params(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a (nested) dataclass into MLflow-style string params."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            out.update(as_params(v, prefix=key + "."))
+        else:
+            out[key] = str(v)
+    return out
