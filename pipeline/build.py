@@ -391,7 +391,8 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
 
     # 4. histories + shards, and the image store, in one computation ------------------------
     _stage(progress, 4, f"building behaviour sequences and shards; decoding {n_images} images")
-    nparts = max(cfg.workers if not cfg.scheduler else 1, int(np.ceil(rows_ok / cfg.partition_rows)))
+    # Partitioning depends on the data only, never on the cluster, so any cluster writes the same shards.
+    nparts = max(2, int(np.ceil(rows_ok / cfg.partition_rows)))
     shuffled = good.shuffle(on="user", npartitions=nparts)
     item_d = dask.delayed(item_table, pure=True)
     user_d = dask.delayed(user_table, pure=True)
