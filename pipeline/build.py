@@ -60,7 +60,7 @@ class PipelineConfig:
     scheduler: str | None = field(default=None, metadata=_h("address of an existing Dask scheduler (default: start a LocalCluster)"))
     workers: int = field(default=2, metadata=_h("LocalCluster worker processes"))
     threads_per_worker: int = field(default=1, metadata=_h("threads per LocalCluster worker"))
-    max_behaviors: int = field(default=20, metadata=_h("L: clicks kept per behaviour sequence"))
+    max_behaviors: int = field(default=50, metadata=_h("L: clicks kept per behaviour sequence"))
     image_size: int = field(default=64, metadata=_h("S: images are stored as S x S RGB"))
     min_count: int = field(default=2, metadata=_h("IDs seen fewer times in train map to out-of-vocabulary"))
     valid_days: int = field(default=1, metadata=_h("days before the test days that form the valid split"))

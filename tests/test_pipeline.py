@@ -229,7 +229,7 @@ def test_pipeline_run_is_tracked_in_mlflow(raw_source, tmp_path, dask_address):
     client = MlflowClient(tracking.tracking_uri())
     run = client.get_run(m["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["max_behaviors"] == "20"
+    assert run.data.params["max_behaviors"] == "50"
     assert run.data.metrics["rows_in"] == len(df)
     assert run.data.metrics["rows_quarantined"] == 0
     assert run.data.metrics["images_ok"] == 25

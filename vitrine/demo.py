@@ -31,7 +31,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = paths.processed_dir(args.name)
     world = WorldConfig(scale=args.scale, seed=args.seed)
     existing = raw / "world.json"
-    if existing.exists() and json.loads(existing.read_text()).get("config") == _jsonable(world):
+    if existing.exists() and json.loads(existing.read_text()).get("settings") == _jsonable(world):
         print(f"== 1. synthetic world: reusing {raw} (same settings)")
     else:
         print(f"== 1. synthetic world -> {raw}")

@@ -1,0 +1,732 @@
+"""The synthetic world behind `vitrine generate`: users, items with drawn images, and impression logs
+whose clicks depend on the pixels.
+
+Items have a category, a shop and three hidden visual attributes (colour, shape, pattern) that are
+drawn into their images and never written as columns of `items.parquet` (only to
+`truth/items.parquet`). Users have a profile (gender, age bucket), a sparse taste over categories, a
+taste over colours, shapes and patterns, a bias and a skewed activity level. The click probability of
+an impression is
+
+    p = sigmoid(b0 + w_cat * taste_cat[u, cat]
+                   + w_vis * (taste_color[u, color] + taste_shape[u, shape] + taste_pattern[u, pattern])
+                   + w_seq * (state_cat[u, cat] + state_color[u, color] + state_shape[u, shape])
+                   + quality[item] + bias[u])
+
+where `state_*` is an exponentially decayed sum of the one-hots of the user's previously clicked
+items (decay GAMMA per click): a user who just clicked red stars is more likely to click red and
+star-shaped ads. The state is updated in time order and only from clicks with a timestamp strictly
+before the impression's (the history rule of docs/DATA.md), so equal timestamps do not see each
+other.
+
+Everything random comes from numpy Generators (PCG64) derived from the seed and a purpose name, so
+the same config gives byte-identical tables and images. The output layout is the raw source of
+docs/DATA.md ("What `vitrine generate` writes").
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.synth import draw
+from vitrine.atomic import atomic_dir
+from vitrine.errors import UserError
+
+# --- the world's fixed parameters (recorded in world.json under "model") -----------------------
+B0 = -3.0  # intercept
+W_CAT = 0.7  # weight of the category taste
+W_VIS = 0.65  # weight of the visual taste (colour + shape + pattern)
+W_SEQ = 0.3  # weight of the recent-behaviour affinity
+GAMMA = 0.7  # decay of the behaviour state per click
+QUALITY_SD = 0.3  # item quality ~ N(0, sd)
+USER_BIAS_SD = 0.35  # user bias ~ N(0, sd)
+ACTIVITY_SIGMA = 0.8  # user activity ~ lognormal(-sigma^2/2, sigma), mean 1
+ACTIVITY_CAP = 12.0
+CATEGORY_ZIPF = 0.8  # category sizes ~ rank^-s
+SHOP_ZIPF = 0.8  # shop sizes ~ rank^-s
+P_PREFERRED_COLOR = 0.4  # chance an item takes its category's preferred colour
+P_TARGETED = 0.30  # share of impressions drawn from the user's liked categories
+P_EXPLORE = 0.05  # share drawn uniformly among the items available that day
+P_DUP_TIMESTAMP = 0.02  # share of impressions that repeat the previous timestamp of the user-day
+MAX_LIKED_CATEGORIES = 4
+GENDERS, AGE_BUCKETS = 2, 6
+
+DAY_MS = 86_400_000
+START = _dt.datetime(2026, 1, 1, tzinfo=_dt.timezone.utc)
+START_MS = int(START.timestamp() * 1000)
+ROWS_PER_PART = 50_000  # impressions per Parquet part (whole users; a part may run a little over)
+AUC_MAX_ROWS = 5_000_000  # oracle AUCs use the rows of a random subset of users beyond this
+POOL_MIN_ITEMS = 3000  # draw images with a process pool of 2 from this many items on
+FORMATS = ("png", "jpeg", "mixed")
+
+SOURCE_TOML = """\
+[impressions]
+path = "impressions"
+[impressions.columns]
+impression_id = "impression_id"
+timestamp = "timestamp"
+user = "user_id"
+item = "item_id"
+label = "click"
+
+[items]
+path = "items.parquet"
+[items.columns]
+item = "item_id"
+category = "category_id"
+shop = "shop_id"
+image = "image"
+
+[users]
+path = "users.parquet"
+profile = ["gender", "age_bucket"]
+[users.columns]
+user = "user_id"
+
+[images]
+dir = "images"
+
+[truth]
+path = "truth/impressions.parquet"
+[truth.columns]
+impression_id = "impression_id"
+p_click = "p_click"
+"""
+
+IMPRESSION_SCHEMA = pa.schema(
+    [
+        ("impression_id", pa.int64()),
+        ("timestamp", pa.timestamp("ms")),
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("click", pa.int8()),
+    ]
+)
+TRUTH_SCHEMA = pa.schema([("impression_id", pa.int64()), ("p_click", pa.float64())])
+
+
+@dataclass
+class WorldConfig:
+    users: int = field(default=2000, metadata={"help": "number of users (before --scale)"})
+    items: int = field(default=1000, metadata={"help": "number of items, each with one image (before --scale)"})
+    days: int = field(default=8, metadata={"help": "days of impression logs"})
+    categories: int = field(default=20, metadata={"help": "number of item categories"})
+    shops: int = field(default=50, metadata={"help": "number of shops"})
+    impressions_per_user_day: float = field(
+        default=6.0, metadata={"help": "mean impressions per user and day (activity is lognormal)"}
+    )
+    zipf: float = field(default=1.05, metadata={"help": "Zipf exponent of item popularity"})
+    cold_fraction: float = field(
+        default=0.1, metadata={"help": "share of items that first appear in the last --cold-days days"}
+    )
+    cold_days: int = field(default=2, metadata={"help": "the last days in which cold items appear"})
+    image_size: int = field(default=64, metadata={"help": "side of the drawn images in pixels"})
+    image_format: str = field(
+        default="mixed",
+        metadata={"help": "image files: png, jpeg, or mixed (alternating by item id)", "choices": FORMATS},
+    )
+    scale: float = field(
+        default=1.0, metadata={"help": "multiplies users and items (10 gives about 1M impressions)"}
+    )
+    seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same world"})
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, purpose: str, *extra: int) -> np.random.Generator:
+    """An independent random stream per purpose (and chunk), derived from the seed only."""
+    key = [int(seed) & 0xFFFFFFFFFFFFFFFF, zlib.crc32(purpose.encode()), *[int(e) for e in extra]]
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _zipf_weights(n: int, s: float) -> np.ndarray:
+    w = np.arange(1, n + 1, dtype=np.float64) ** (-s)
+    return w / w.sum()
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    if labels.size == 0 or labels.min() == labels.max():
+        return None
+    return float(roc_auc_score(labels, scores))
+
+
+def _gauc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Per-group AUC weighted by the group's impressions, skipping groups whose labels are all equal
+    (ties in score count one half), as in the DICM paper."""
+    n = labels.size
+    if n == 0:
+        return None
+    order = np.lexsort((scores, groups))
+    g, y, s = groups[order], labels[order].astype(np.int64), scores[order]
+    gstart = np.r_[True, g[1:] != g[:-1]]
+    # midranks of the scores within each group (1-based), averaging ties
+    tstart = gstart | np.r_[True, s[1:] != s[:-1]]
+    tid = np.cumsum(tstart) - 1
+    first = np.flatnonzero(tstart)
+    last = np.r_[first[1:], n] - 1
+    gid = np.cumsum(gstart) - 1
+    gfirst = np.flatnonzero(gstart)
+    rank = (first[tid] + last[tid]) / 2.0 - gfirst[gid] + 1.0
+    npos = np.bincount(gid, weights=y)
+    ntot = np.bincount(gid).astype(np.float64)
+    nneg = ntot - npos
+    rsum = np.bincount(gid, weights=rank * y)
+    ok = (npos > 0) & (nneg > 0)
+    if not ok.any():
+        return None
+    auc = (rsum[ok] - npos[ok] * (npos[ok] + 1) / 2.0) / (npos[ok] * nneg[ok])
+    return float(np.average(auc, weights=ntot[ok]))
+
+
+def _validate(cfg: WorldConfig) -> tuple[int, int]:
+    def bad(msg: str) -> UserError:
+        return UserError(f"bad world setting: {msg}")
+
+    if cfg.scale <= 0 or not math.isfinite(cfg.scale):
+        raise bad(f"--scale must be > 0, got {cfg.scale}")
+    n_users = int(round(cfg.users * cfg.scale))
+    n_items = int(round(cfg.items * cfg.scale))
+    if n_users < 1:
+        raise bad(f"need at least 1 user, got users={cfg.users} x scale={cfg.scale}")
+    if n_items < 2:
+        raise bad(f"need at least 2 items, got items={cfg.items} x scale={cfg.scale}")
+    if cfg.days < 1:
+        raise bad(f"--days must be >= 1, got {cfg.days}")
+    if cfg.categories < 1 or cfg.shops < 1:
+        raise bad("--categories and --shops must be >= 1")
+    if not (cfg.impressions_per_user_day > 0 and math.isfinite(cfg.impressions_per_user_day)):
+        raise bad(f"--impressions-per-user-day must be > 0, got {cfg.impressions_per_user_day}")
+    if not (cfg.zipf >= 0 and math.isfinite(cfg.zipf)):
+        raise bad(f"--zipf must be >= 0, got {cfg.zipf}")
+    if not (0.0 <= cfg.cold_fraction < 1.0):
+        raise bad(f"--cold-fraction must be in [0, 1), got {cfg.cold_fraction}")
+    if cfg.cold_fraction > 0 and not (1 <= cfg.cold_days < cfg.days):
+        raise bad(f"--cold-days must be in [1, days) = [1, {cfg.days}), got {cfg.cold_days}")
+    if not (16 <= cfg.image_size <= 1024):
+        raise bad(f"--image-size must be in [16, 1024], got {cfg.image_size}")
+    if cfg.image_format not in FORMATS:
+        raise bad(f"--image-format must be one of {', '.join(FORMATS)}, got {cfg.image_format!r}")
+    return n_users, n_items
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, compression="snappy")
+
+
+# --- the world -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _World:
+    n_users: int
+    n_items: int
+    # items
+    category: np.ndarray
+    shop: np.ndarray
+    color: np.ndarray
+    shape: np.ndarray
+    pattern: np.ndarray
+    quality: np.ndarray
+    first_day: np.ndarray
+    popularity: np.ndarray
+    preferred_color: np.ndarray  # per category
+    # users
+    gender: np.ndarray
+    age_bucket: np.ndarray
+    activity: np.ndarray
+    bias: np.ndarray
+    taste_cat: np.ndarray  # (U, C)
+    taste_color: np.ndarray  # (U, 8)
+    taste_shape: np.ndarray  # (U, 4)
+    taste_pattern: np.ndarray  # (U, 3)
+    liked: np.ndarray  # (U, MAX_LIKED_CATEGORIES), -1 padded
+    n_liked: np.ndarray
+    # E[visual taste | category] for the no-pixel oracle, computed per row from these
+    color_mean: np.ndarray
+    shape_mean: np.ndarray
+    pattern_mean: np.ndarray
+
+
+def _make_items(cfg: WorldConfig, n_items: int) -> dict[str, np.ndarray]:
+    rng = _rng(cfg.seed, "items")
+    C = cfg.categories
+    category = rng.choice(C, size=n_items, p=_zipf_weights(C, CATEGORY_ZIPF))
+    shop = rng.choice(cfg.shops, size=n_items, p=_zipf_weights(cfg.shops, SHOP_ZIPF))
+    preferred = rng.integers(0, draw.N_COLORS, size=C)
+    color = np.where(
+        rng.random(n_items) < P_PREFERRED_COLOR,
+        preferred[category],
+        rng.integers(0, draw.N_COLORS, size=n_items),
+    )
+    shape = rng.integers(0, draw.N_SHAPES, size=n_items)
+    pattern = rng.integers(0, draw.N_PATTERNS, size=n_items)
+    quality = rng.normal(0.0, QUALITY_SD, size=n_items)
+    # popularity: Zipf over a random ranking of the items
+    rank = rng.permutation(n_items)
+    popularity = (rank + 1.0) ** (-cfg.zipf)
+    first_day = np.zeros(n_items, dtype=np.int32)
+    n_cold = int(round(cfg.cold_fraction * n_items)) if cfg.cold_fraction > 0 else 0
+    n_cold = min(n_cold, n_items - 1)
+    if n_cold:
+        cold = rng.choice(n_items, size=n_cold, replace=False)
+        first_day[cold] = cfg.days - cfg.cold_days + rng.integers(0, cfg.cold_days, size=n_cold)
+    return dict(
+        category=category.astype(np.int64),
+        shop=shop.astype(np.int64),
+        color=color.astype(np.int8),
+        shape=shape.astype(np.int8),
+        pattern=pattern.astype(np.int8),
+        quality=quality,
+        first_day=first_day,
+        popularity=popularity,
+        preferred_color=preferred.astype(np.int64),
+    )
+
+
+def _signed_taste(rng: np.random.Generator, n: int, k: int, n_like: int, n_dislike: int,
+                  like: float, dislike: float) -> np.ndarray:
+    """Per user: `n_like` random attributes get about +like, `n_dislike` others about -dislike."""
+    order = np.argsort(rng.random((n, k)), axis=1)
+    strength = rng.uniform(0.7, 1.3, size=(n, k))
+    t = np.zeros((n, k), dtype=np.float64)
+    rows = np.arange(n)[:, None]
+    if n_like:
+        t[rows, order[:, :n_like]] = like * strength[:, :n_like]
+    if n_dislike:
+        t[rows, order[:, n_like : n_like + n_dislike]] = -dislike * strength[:, n_like : n_like + n_dislike]
+    return t
+
+
+def _make_users(cfg: WorldConfig, n_users: int) -> dict[str, np.ndarray]:
+    rng = _rng(cfg.seed, "users")
+    C = cfg.categories
+    gender = rng.integers(0, GENDERS, size=n_users)
+    age = rng.choice(AGE_BUCKETS, size=n_users, p=np.array([0.10, 0.25, 0.27, 0.20, 0.12, 0.06]))
+    # liked categories: each (gender, age) group prefers its own mixture of categories, so the
+    # profile carries some signal
+    groups = GENDERS * AGE_BUCKETS
+    group_pref = 0.5 * rng.dirichlet(np.full(C, 0.6), size=groups) + 0.5 * _zipf_weights(C, CATEGORY_ZIPF)
+    g = gender * AGE_BUCKETS + age
+    n_liked = np.minimum(1 + rng.poisson(1.0, size=n_users), min(MAX_LIKED_CATEGORIES, C))
+    gumbel = -np.log(-np.log(rng.random((n_users, C)) + 1e-300) + 1e-300)
+    keys = np.log(group_pref[g]) + gumbel
+    top = np.argsort(-keys, axis=1, kind="stable")[:, :MAX_LIKED_CATEGORIES]
+    if top.shape[1] < MAX_LIKED_CATEGORIES:
+        top = np.pad(top, ((0, 0), (0, MAX_LIKED_CATEGORIES - top.shape[1])), constant_values=-1)
+    liked = np.where(np.arange(MAX_LIKED_CATEGORIES)[None, :] < n_liked[:, None], top, -1)
+    taste_cat = np.zeros((n_users, C), dtype=np.float64)
+    strength = rng.uniform(0.6, 1.4, size=(n_users, MAX_LIKED_CATEGORIES))
+    rows = np.repeat(np.arange(n_users), MAX_LIKED_CATEGORIES).reshape(n_users, -1)
+    m = liked >= 0
+    taste_cat[rows[m], liked[m]] = strength[m]
+    taste_color = _signed_taste(rng, n_users, draw.N_COLORS, 2, 2, 1.0, 1.0)
+    taste_shape = _signed_taste(rng, n_users, draw.N_SHAPES, 1, 1, 1.0, 0.8)
+    taste_pattern = _signed_taste(rng, n_users, draw.N_PATTERNS, 1, 1, 0.6, 0.6)
+    z = rng.normal(0.0, ACTIVITY_SIGMA, size=n_users)
+    activity = np.minimum(np.exp(z - ACTIVITY_SIGMA**2 / 2), ACTIVITY_CAP)
+    bias = rng.normal(0.0, USER_BIAS_SD, size=n_users)
+    return dict(
+        gender=gender.astype(np.int8),
+        age_bucket=age.astype(np.int8),
+        activity=activity,
+        bias=bias,
+        taste_cat=taste_cat,
+        taste_color=taste_color,
+        taste_shape=taste_shape,
+        taste_pattern=taste_pattern,
+        liked=liked.astype(np.int64),
+        n_liked=n_liked.astype(np.int64),
+        color_mean=taste_color.mean(axis=1),
+        shape_mean=taste_shape.mean(axis=1),
+        pattern_mean=taste_pattern.mean(axis=1),
+    )
+
+
+class _DaySampler:
+    """Samples ad items for one day: Zipf popularity among available items, targeted (popularity
+    within a given category) or uniform exploration among available items."""
+
+    def __init__(self, w: _World, day: int):
+        avail = w.first_day <= day
+        weights = np.where(avail, w.popularity, 0.0)
+        self.cum = np.cumsum(weights)
+        self.avail_ids = np.flatnonzero(avail)
+        self.by_cat = np.argsort(w.category, kind="stable")
+        cat_sorted = w.category[self.by_cat]
+        C = int(w.taste_cat.shape[1])
+        self.cat_start = np.searchsorted(cat_sorted, np.arange(C), side="left")
+        self.cat_end = np.searchsorted(cat_sorted, np.arange(C), side="right")
+        self.cum_cat = np.cumsum(weights[self.by_cat])
+        ext = np.r_[0.0, self.cum_cat]
+        self.cat_base = ext[self.cat_start]
+        self.cat_total = ext[self.cat_end] - self.cat_base
+
+    def popular(self, u: np.ndarray) -> np.ndarray:
+        total = self.cum[-1]
+        idx = np.searchsorted(self.cum, u * total * (1 - 1e-12), side="right")
+        return np.minimum(idx, self.cum.size - 1)
+
+    def targeted(self, cats: np.ndarray, u: np.ndarray, fallback_u: np.ndarray) -> np.ndarray:
+        tot = self.cat_total[cats]
+        ok = tot > 0
+        target = self.cat_base[cats] + u * tot * (1 - 1e-12)
+        j = np.searchsorted(self.cum_cat, target, side="right")
+        j = np.clip(j, self.cat_start[cats], np.maximum(self.cat_end[cats] - 1, self.cat_start[cats]))
+        j = np.minimum(j, self.by_cat.size - 1)
+        items = self.by_cat[j]
+        if not ok.all():
+            items = np.where(ok, items, self.popular(fallback_u))
+        return items
+
+    def explore(self, u: np.ndarray) -> np.ndarray:
+        return self.avail_ids[np.minimum((u * self.avail_ids.size).astype(np.int64), self.avail_ids.size - 1)]
+
+
+def _simulate_chunk(
+    cfg: WorldConfig, w: _World, samplers: list[_DaySampler], u0: int, counts: np.ndarray, chunk: int
+) -> dict[str, np.ndarray]:
+    """Impressions of users u0 .. u0+len(counts)-1. Rows come back in time order."""
+    rng = _rng(cfg.seed, "impressions", chunk)
+    n, days = counts.shape
+    tot = counts.sum(axis=1)
+    N = int(tot.sum())
+    if N == 0:
+        z = np.zeros(0, dtype=np.int64)
+        f = np.zeros(0, dtype=np.float64)
+        return dict(ts=z, user=z, item=z, click=z.astype(np.int8), p=f, p_novis=f, p_noseq=f, day=z)
+    row_u = np.repeat(np.arange(n), tot)
+    row_day = np.repeat(np.tile(np.arange(days, dtype=np.int64), n), counts.ravel())
+    t_in_day = rng.integers(0, DAY_MS, size=N)
+    order = np.argsort(row_u.astype(np.int64) * (days * DAY_MS) + row_day * DAY_MS + t_in_day, kind="stable")
+    row_day, t_in_day = row_day[order], t_in_day[order]
+    ts = row_day * DAY_MS + t_in_day  # ms since START, non-decreasing per user
+    first_of_ud = np.r_[True, (row_u[1:] != row_u[:-1]) | (row_day[1:] != row_day[:-1])]
+    dup = (rng.random(N) < P_DUP_TIMESTAMP) & ~first_of_ud
+    src = np.where(dup, 0, np.arange(N))
+    ts = ts[np.maximum.accumulate(src)]
+
+    # ad items
+    mix = rng.random(N)
+    u_item = rng.random(N)
+    u_aux = rng.random(N)
+    gu = u0 + row_u
+    item = np.empty(N, dtype=np.int64)
+    for d in range(days):
+        rows = np.flatnonzero(row_day == d)
+        if rows.size == 0:
+            continue
+        s = samplers[d]
+        m = mix[rows]
+        pop = rows[m >= P_TARGETED + P_EXPLORE]
+        item[pop] = s.popular(u_item[pop])
+        exp = rows[(m >= P_TARGETED) & (m < P_TARGETED + P_EXPLORE)]
+        item[exp] = s.explore(u_item[exp])
+        tgt = rows[m < P_TARGETED]
+        if tgt.size:
+            k = np.minimum((u_aux[tgt] * w.n_liked[gu[tgt]]).astype(np.int64), w.n_liked[gu[tgt]] - 1)
+            cats = w.liked[gu[tgt], k]
+            item[tgt] = s.targeted(cats, u_item[tgt], u_aux[tgt])
+    if not (w.first_day[item] <= row_day).all():
+        raise AssertionError("sampled an item before its first day")
+
+    cat, col, shp, pat = w.category[item], w.color[item], w.shape[item], w.pattern[item]
+    base = B0 + W_CAT * w.taste_cat[gu, cat] + w.quality[item] + w.bias[gu]
+    z_static = base + W_VIS * (w.taste_color[gu, col] + w.taste_shape[gu, shp] + w.taste_pattern[gu, pat])
+    # the best a model without pixels (and without item identity) can know of the visual terms:
+    # their expectation given the category
+    pref = w.preferred_color[cat]
+    e_vis = (
+        P_PREFERRED_COLOR * w.taste_color[gu, pref]
+        + (1 - P_PREFERRED_COLOR) * w.color_mean[gu]
+        + w.shape_mean[gu]
+        + w.pattern_mean[gu]
+    )
+    z_novis_static = base + W_VIS * e_vis
+
+    # clicks, in time order: all users' k-th impression together
+    u_click = rng.random(N)
+    click = np.zeros(N, dtype=np.int8)
+    p = np.empty(N, dtype=np.float64)
+    p_novis = np.empty(N, dtype=np.float64)
+    p_noseq = _sigmoid(z_static)
+    perm = np.argsort(-tot, kind="stable")  # users by impressions, descending
+    offs = (np.cumsum(tot) - tot)[perm]
+    tot_sorted_asc = np.sort(tot)
+    C = w.taste_cat.shape[1]
+    s_cat = np.zeros((n, C))
+    s_col = np.zeros((n, draw.N_COLORS))
+    s_shp = np.zeros((n, draw.N_SHAPES))
+    grp_start = np.zeros(n, dtype=np.int64)  # k at which the user's current equal-timestamp run began
+    pos_all = np.arange(n)
+    maxk = int(tot.max()) if n else 0
+
+    def apply_clicks(users: np.ndarray, rows: np.ndarray) -> None:
+        hit = click[rows] == 1
+        users, rows = users[hit], rows[hit]
+        if users.size == 0:
+            return
+        s_cat[users] *= GAMMA
+        s_col[users] *= GAMMA
+        s_shp[users] *= GAMMA
+        s_cat[users, cat[rows]] += 1.0
+        s_col[users, col[rows]] += 1.0
+        s_shp[users, shp[rows]] += 1.0
+
+    for k in range(maxk):
+        m = n - int(np.searchsorted(tot_sorted_asc, k, side="right"))  # users with > k impressions
+        pos = pos_all[:m]
+        rows = offs[:m] + k
+        if k > 0:
+            flush = np.flatnonzero(ts[rows] != ts[rows - 1])  # a new timestamp: earlier clicks count now
+            if flush.size:
+                pending = k - grp_start[flush]
+                for j in range(int(pending.max())):
+                    us = flush[pending > j]
+                    apply_clicks(us, offs[us] + grp_start[us] + j)
+                grp_start[flush] = k
+        a_cat = s_cat[pos, cat[rows]]
+        a_vis = s_col[pos, col[rows]] + s_shp[pos, shp[rows]]
+        pk = _sigmoid(z_static[rows] + W_SEQ * (a_cat + a_vis))
+        p[rows] = pk
+        p_novis[rows] = _sigmoid(z_novis_static[rows] + W_SEQ * a_cat)
+        click[rows] = u_click[rows] < pk
+
+    # time order within the chunk (ties: user, then the user's own order)
+    order = np.lexsort((np.arange(N), ts))
+    return dict(
+        ts=ts[order],
+        user=gu[order],
+        item=item[order],
+        click=click[order],
+        p=p[order],
+        p_novis=p_novis[order],
+        p_noseq=p_noseq[order],
+        day=row_day[order],
+    )
+
+
+def _render_images(cfg: WorldConfig, w: _World, images_dir: Path, progress: bool) -> None:
+    ids = np.arange(w.n_items)
+    batch = 256
+    batches = [
+        (
+            cfg.seed,
+            ids[i : i + batch].tolist(),
+            w.color[i : i + batch].tolist(),
+            w.shape[i : i + batch].tolist(),
+            w.pattern[i : i + batch].tolist(),
+            cfg.image_size,
+            cfg.image_format,
+            str(images_dir),
+        )
+        for i in range(0, w.n_items, batch)
+    ]
+    bar = tqdm(total=w.n_items, desc="images", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        if w.n_items >= POOL_MIN_ITEMS and (os.cpu_count() or 1) > 1:
+            # fork where there is one: workers need no re-import, so a caller's script without a
+            # `__main__` guard works too; they only run numpy and Pillow, which are fork-safe
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            with ctx.Pool(2) as pool:
+                for done in pool.imap(_render_batch, batches):
+                    bar.update(done)
+        else:
+            for b in batches:
+                bar.update(_render_batch(b))
+    finally:
+        bar.close()
+
+
+def _render_batch(args: tuple) -> int:
+    return draw.render_items(*args)
+
+
+def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: bool) -> dict[str, Any]:
+    it = _make_items(cfg, n_items)
+    us = _make_users(cfg, n_users)
+    w = _World(n_users=n_users, n_items=n_items, **it, **us)
+    item_ids = np.arange(n_items, dtype=np.int64)
+
+    (root / "truth").mkdir()
+    (root / "impressions").mkdir()
+    (root / "images").mkdir()
+    names = [draw.image_name(i, cfg.image_format) for i in range(n_items)]
+    _write_table(
+        pa.table(
+            {
+                "item_id": pa.array(item_ids),
+                "category_id": pa.array(w.category, pa.int64()),
+                "shop_id": pa.array(w.shop, pa.int64()),
+                "first_day": pa.array(w.first_day, pa.int32()),
+                "image": pa.array(names, pa.string()),
+            }
+        ),
+        root / "items.parquet",
+    )
+    _write_table(
+        pa.table(
+            {
+                "item_id": pa.array(item_ids),
+                "color": pa.array(w.color, pa.int8()),
+                "shape": pa.array(w.shape, pa.int8()),
+                "pattern": pa.array(w.pattern, pa.int8()),
+            }
+        ),
+        root / "truth" / "items.parquet",
+    )
+    _write_table(
+        pa.table(
+            {
+                "user_id": pa.array(np.arange(n_users, dtype=np.int64)),
+                "gender": pa.array(w.gender, pa.int8()),
+                "age_bucket": pa.array(w.age_bucket, pa.int8()),
+            }
+        ),
+        root / "users.parquet",
+    )
+    (root / "source.toml").write_text(SOURCE_TOML)
+
+    _render_images(cfg, w, root / "images", progress)
+
+    # impressions per user and day, then whole users grouped into parts of ~ROWS_PER_PART rows
+    counts = _rng(cfg.seed, "counts").poisson(
+        w.activity[:, None] * cfg.impressions_per_user_day, size=(n_users, cfg.days)
+    ).astype(np.int64)
+    per_user = counts.sum(axis=1)
+    total = int(per_user.sum())
+    part_of_user = (np.cumsum(per_user) - per_user) // ROWS_PER_PART
+    bounds = np.r_[0, np.flatnonzero(np.diff(part_of_user)) + 1, n_users]
+
+    samplers = [_DaySampler(w, d) for d in range(cfg.days)]
+    # oracle metrics keep ~21 bytes a row: above AUC_MAX_ROWS, only the rows of a random subset of
+    # users (whole users, so that the GAUC stays unbiased)
+    keep_user = _rng(cfg.seed, "oracle").random(n_users) < min(1.0, AUC_MAX_ROWS / max(total, 1))
+    ps, pnv, pns, clicks, users_all = [], [], [], [], []
+    n_clicks, sum_p = 0, 0.0
+    shown_cold: set[int] = set()
+    cold_mask = w.first_day > 0
+    next_id = 0
+    truth_writer = pq.ParquetWriter(root / "truth" / "impressions.parquet", TRUTH_SCHEMA, compression="snappy")
+    bar = tqdm(total=total, desc="impressions", unit="row", unit_scale=True, disable=not progress, file=sys.stderr)
+    try:
+        for part, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            r = _simulate_chunk(cfg, w, samplers, int(a), counts[a:b], part)
+            nrow = r["ts"].size
+            imp_id = np.arange(next_id, next_id + nrow, dtype=np.int64)
+            next_id += nrow
+            _write_table(
+                pa.table(
+                    {
+                        "impression_id": pa.array(imp_id),
+                        "timestamp": pa.array((START_MS + r["ts"]).astype("datetime64[ms]")),
+                        "user_id": pa.array(r["user"].astype(np.int64)),
+                        "item_id": pa.array(r["item"]),
+                        "click": pa.array(r["click"], pa.int8()),
+                    },
+                    schema=IMPRESSION_SCHEMA,
+                ),
+                root / "impressions" / f"part-{part:05d}.parquet",
+            )
+            truth_writer.write_table(
+                pa.table({"impression_id": pa.array(imp_id), "p_click": pa.array(r["p"])}, schema=TRUTH_SCHEMA)
+            )
+            keep = keep_user[r["user"]]
+            ps.append(r["p"][keep])
+            pnv.append(r["p_novis"][keep].astype(np.float32))
+            pns.append(r["p_noseq"][keep].astype(np.float32))
+            clicks.append(r["click"][keep])
+            users_all.append(r["user"][keep].astype(np.int32))
+            n_clicks += int(r["click"].sum(dtype=np.int64))
+            sum_p += float(r["p"].sum())
+            shown_cold.update(np.unique(r["item"][cold_mask[r["item"]]]).tolist())
+            bar.update(nrow)
+        n_parts = len(bounds) - 1
+        if n_parts == 0:  # no impressions at all: one empty part keeps the layout readable
+            _write_table(IMPRESSION_SCHEMA.empty_table(), root / "impressions" / "part-00000.parquet")
+            n_parts = 1
+    finally:
+        bar.close()
+        truth_writer.close()
+
+    p = np.concatenate(ps) if ps else np.zeros(0)
+    p_nv = np.concatenate(pnv) if pnv else np.zeros(0, np.float32)
+    p_ns = np.concatenate(pns) if pns else np.zeros(0, np.float32)
+    y = np.concatenate(clicks) if clicks else np.zeros(0, np.int8)
+    g = np.concatenate(users_all) if users_all else np.zeros(0, np.int32)
+    return {
+        "users": n_users,
+        "items": n_items,
+        "categories": cfg.categories,
+        "shops": cfg.shops,
+        "days": cfg.days,
+        "impressions": total,
+        "clicks": n_clicks,
+        "ctr": n_clicks / total if total else None,
+        "mean_p_click": sum_p / total if total else None,
+        "oracle_rows": int(y.size),
+        "oracle_auc": _auc(y, p),
+        "oracle_auc_without_visual": _auc(y, p_nv),
+        "oracle_auc_without_sequence": _auc(y, p_ns),
+        "oracle_gauc": _gauc(g, y, p),
+        "oracle_gauc_without_visual": _gauc(g, y, p_nv),
+        "cold_items": int(cold_mask.sum()),
+        "cold_items_shown": len(shown_cold),
+        "impression_parts": n_parts,
+        "start": START.isoformat().replace("+00:00", "Z"),
+        "model": {
+            "b0": B0,
+            "w_cat": W_CAT,
+            "w_vis": W_VIS,
+            "w_seq": W_SEQ,
+            "gamma": GAMMA,
+            "quality_sd": QUALITY_SD,
+            "user_bias_sd": USER_BIAS_SD,
+            "activity_sigma": ACTIVITY_SIGMA,
+            "p_targeted": P_TARGETED,
+            "p_explore": P_EXPLORE,
+            "p_preferred_color": P_PREFERRED_COLOR,
+            "p_dup_timestamp": P_DUP_TIMESTAMP,
+            "colors": list(draw.COLOR_NAMES),
+            "shapes": list(draw.SHAPE_NAMES),
+            "patterns": list(draw.PATTERN_NAMES),
+            "oracle_without_visual": "visual taste replaced by its expectation given the category; "
+            "colour and shape dropped from the behaviour state",
+        },
+    }
+
+
+def generate(cfg: WorldConfig, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write a synthetic world's raw source (docs/DATA.md) into `out`; return the summary that is
+    also written to `out/world.json`. Built in a sibling temp dir and renamed into place at the end;
+    an existing `out` is replaced only with `overwrite`, and only once the new one is complete."""
+    t0 = time.perf_counter()
+    n_users, n_items = _validate(cfg)
+    out = Path(out).absolute()
+    with atomic_dir(out, overwrite=overwrite, what="world") as tmp:
+        summary: dict[str, Any] = {"format_version": 1, "generator": "pipeline.synth", "settings": asdict(cfg)}
+        summary.update(_build(cfg, tmp, n_users, n_items, progress))
+        summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
+        (tmp / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
