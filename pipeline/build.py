@@ -69,6 +69,8 @@ class PipelineConfig:
     max_image_bytes: int = field(default=10_000_000, metadata=_h("images larger than this file size are replaced"))
     max_image_pixels: int = field(default=25_000_000, metadata=_h("images with more pixels than this are replaced, before decoding"))
     image_formats: tuple[str, ...] = field(default=("PNG", "JPEG", "WEBP", "GIF", "BMP"), metadata=_h("allowed image formats"))
+    history_join: str = field(default="auto", metadata=_h("how histories meet their clicks: broadcast the clicks, shuffle by user, or auto", choices=("auto", "broadcast", "shuffle")))
+    broadcast_clicks_max: int = field(default=5_000_000, metadata=_h("auto uses broadcast up to this many clicks"))
     overwrite: bool = field(default=False, metadata=_h("replace an existing output directory"))
     track: bool = field(default=True, metadata=_h("log the run to MLflow"))
     progress: bool = field(default=True, metadata=_h("show progress"))
@@ -113,14 +115,36 @@ def _align_key(values: pd.Series, like: pd.Series) -> pd.Series:
 # Worker-side functions (plain arguments only: they run in Dask worker processes)
 
 
-def _validate_partition(df: pd.DataFrame, columns: dict, unit: str, offsets: list[int], qdir: str, partition_info=None):
+def _validate_partition(df: pd.DataFrame, columns: dict, unit: str, qdir: str, partition_info=None):
     i = partition_info["number"] if partition_info else 0
-    good, bad = validate(df, columns, unit, offsets[i] if i < len(offsets) else 0)
+    good, bad = validate(df, columns, unit, 0)
     if len(bad):
         path = Path(qdir) / f"part-{i:05d}.parquet"
         bad.to_parquet(path.with_suffix(".tmp"), index=False)
         os.replace(path.with_suffix(".tmp"), path)
     return good
+
+
+def _globalise_ids(df: pd.DataFrame, offsets: np.ndarray, partition_info=None) -> pd.DataFrame:
+    """Without an impression id column, the id is the global row number."""
+    i = partition_info["number"] if partition_info else 0
+    return df.assign(impression_id=df["impression_id"].to_numpy() + offsets[i])
+
+
+def _quarantined_rows(qdir: Path, part: int) -> int:
+    path = qdir / f"part-{part:05d}.parquet"
+    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+
+
+def _globalise_quarantine_rows(qdir: Path, offsets: np.ndarray) -> None:
+    """Partition-local row numbers of quarantined rows -> row numbers in the whole source."""
+    for path in sorted(qdir.glob("part-*.parquet")):
+        part = int(path.stem.split("-")[1])
+        bad = pd.read_parquet(path)
+        bad["source_row"] = bad["source_row"].to_numpy() + offsets[part]
+        tmp = path.with_suffix(".tmp")
+        bad.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
 
 
 def _ragged_take(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,22 +168,41 @@ def _build_partition(
     bounds: tuple[int, int],
     max_len: int,
     out_dir: str,
+    clicks: pd.DataFrame | None = None,
     partition_info=None,
 ) -> pd.DataFrame:
-    """One user-partition: histories, encoding, one shard per split. Returns a stats row."""
+    """One partition: histories, encoding, one shard per split. Returns a stats row.
+
+    With `clicks=None` the partition holds whole users (after a shuffle by user), so its own rows
+    hold every click its histories need. Otherwise `clicks` is every click of the log (user
+    position, timestamp, impression id, item position), broadcast to each partition, and the
+    partition's rows are only queries against it.
+    """
     part = partition_info["number"] if partition_info else 0
     n = len(df)
     ts = df["timestamp"].to_numpy(dtype=np.int64)
     imp = df["impression_id"].to_numpy(dtype=np.int64)
     label = df["label"].to_numpy(dtype=np.int8)
-    ucode = pd.factorize(df["user"])[0]
     ipos = item_table.index.get_indexer(pd.Index(df["item"]))
     upos = user_table.index.get_indexer(pd.Index(df["user"]))
     if n and ((ipos < 0).any() or (upos < 0).any()):
         raise RuntimeError("internal: an impression's item or user is missing from the lookup tables")
 
-    offsets, hist_rows = build_histories(ucode, ts, imp, label == 1, max_len)
-    hist_ipos = ipos[hist_rows]
+    if clicks is None:
+        offsets, hist_rows = build_histories(upos, ts, imp, label == 1, max_len)
+        hist_ipos = ipos[hist_rows]
+    else:
+        mine = clicks[np.isin(clicks["upos"].to_numpy(), upos)]
+        m = len(mine)
+        offsets, hist_rows = build_histories(
+            np.concatenate([upos, mine["upos"].to_numpy()]),
+            np.concatenate([ts, mine["timestamp"].to_numpy()]),
+            np.concatenate([imp, mine["impression_id"].to_numpy()]),
+            np.concatenate([np.zeros(n, bool), np.ones(m, bool)]),  # queries never count as clicks
+            max_len,
+        )
+        offsets = offsets[: n + 1]
+        hist_ipos = mine["ipos"].to_numpy()[hist_rows[: offsets[-1]] - n]
 
     columns: dict[str, np.ndarray] = {
         "impression_id": imp,
@@ -188,7 +231,7 @@ def _build_partition(
     order = np.lexsort((imp, ts))
     stats: dict = {"partition": part}
     if has_images:
-        stats.update(batch_image_occurrences=0, batch_image_unique=0, hist_image_occurrences=int(len(hist_rows)),
+        stats.update(batch_image_occurrences=0, batch_image_unique=0, hist_image_occurrences=int(len(hist_ipos)),
                      hist_images=np.unique(hist_values["hist_image"]))
     for s, name in enumerate(SPLITS):
         rows = order[split[order] == s]
@@ -233,9 +276,25 @@ def _batch_dedup(ad_image: np.ndarray, offsets: np.ndarray, hist_image: np.ndarr
 # Driver
 
 
-def _stage(progress: bool, n: int, text: str) -> None:
-    if progress:
-        print(f"[{n}/5] {text}", flush=True)
+class _Stages:
+    """Prints the stage being run and records how long each took (logged with the run)."""
+
+    def __init__(self, progress: bool):
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._t = time.perf_counter()
+
+    def __call__(self, n: int, name: str, text: str) -> None:
+        self.stop()
+        self._name, self._t = name, time.perf_counter()
+        if self.progress:
+            print(f"[{n}/5] {text}", flush=True)
+
+    def stop(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = round(time.perf_counter() - self._t, 3)
+            self._name = None
 
 
 def _wait(client, futures, progress: bool):
@@ -261,8 +320,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     with pipeline_run(cfg, out) as run, atomic_dir(out, overwrite=cfg.overwrite, what="output") as tmp:
         from pipeline.cluster import dask_client
 
+        t_cluster = time.perf_counter()
         with dask_client(cfg.scheduler, cfg.workers, cfg.threads_per_worker) as client:
+            cluster_s = time.perf_counter() - t_cluster
             manifest = _run(cfg, spec, out, tmp, client, run)
+            manifest["stage_seconds"] = {"cluster_start": round(cluster_s, 3), **manifest["stage_seconds"]}
         manifest["elapsed_s"] = round(time.perf_counter() - t0, 3)
         manifest["events_per_s"] = round(manifest["counts"]["rows_in"] / max(manifest["elapsed_s"], 1e-9), 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
@@ -276,11 +338,12 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
     import dask.dataframe as dd
 
     progress = cfg.progress
+    stage = _Stages(progress)
     for d in ("quarantine/impressions", "vocab", "images", *SPLITS):
         (tmp / d).mkdir(parents=True, exist_ok=True)
 
     # 1. read + validate ------------------------------------------------------------------
-    _stage(progress, 1, "reading and validating impressions")
+    stage(1, "validate", "reading and validating impressions")
     imp_files = spec.files(spec.impressions)
     fmt = file_format(imp_files, str(spec.impressions.path))
     cols = list(dict.fromkeys(spec.impressions.columns.values()))
@@ -288,19 +351,12 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
         raw = dd.read_parquet([str(f) for f in imp_files], columns=cols)
     else:
         raw = dd.read_csv([str(f) for f in imp_files], usecols=cols, dtype="string", blocksize="64MB")
-    lengths = client.compute(raw.map_partitions(len, meta=(None, "int64")))
-    lengths = list(lengths.result())
-    offsets = [0]
-    for ln in lengths[:-1]:
-        offsets.append(offsets[-1] + int(ln))
-    rows_in = int(sum(lengths))
-    if rows_in == 0:
-        raise UserError(f"{spec.impressions.path}: the impression log is empty")
     qdir = tmp / "quarantine" / "impressions"
     meta_good, _ = validate(raw._meta, spec.impressions.columns, spec.timestamp_unit, 0)
+    # Row numbers are partition-local here; they are made global below, once partition sizes are
+    # known, so the source is read only once.
     good = raw.map_partitions(
-        _validate_partition, dict(spec.impressions.columns), spec.timestamp_unit, offsets, str(qdir),
-        meta=meta_good,
+        _validate_partition, dict(spec.impressions.columns), spec.timestamp_unit, str(qdir), meta=meta_good,
     )
     good = client.persist(good)
     if progress:
@@ -309,31 +365,51 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
         dask_progress(good)
         print(flush=True)
 
-    # 2. time split and train counts ------------------------------------------------------
-    _stage(progress, 2, "splitting by time and counting IDs")
-    tmin, tmax, rows_ok = dask.compute(good.timestamp.min(), good.timestamp.max(), good.map_partitions(len).sum())
-    rows_ok = int(rows_ok)
+    # 2. time split and ID counts, in one pass over the persisted rows ----------------------
+    stage(2, "count", "splitting by time and counting IDs")
+    g = good.assign(day=good.timestamp // DAY_MS, hour=(good.timestamp // HOUR_MS) % 24)
+    good_lens, n_pos, item_day, user_day, hour_day = dask.compute(
+        g.map_partitions(len),
+        g.label.sum(),
+        g.groupby(["item", "day"]).size(),
+        g.groupby(["user", "day"]).size(),
+        g.groupby(["hour", "day"]).size(),
+    )
+    good_lens = [int(x) for x in good_lens]
+    bad_lens = [_quarantined_rows(qdir, i) for i in range(len(good_lens))]
+    offsets = np.concatenate([[0], np.cumsum(np.add(good_lens, bad_lens))[:-1]]).astype(np.int64)
+    rows_in = int(sum(good_lens) + sum(bad_lens))
+    rows_ok = int(sum(good_lens))
+    if rows_in == 0:
+        raise UserError(f"{spec.impressions.path}: the impression log is empty")
+    _globalise_quarantine_rows(qdir, offsets)
+    if "impression_id" not in spec.impressions.columns:
+        good = client.persist(good.map_partitions(_globalise_ids, offsets, meta=good._meta))
     if rows_ok == 0:
         raise UserError(f"every row of {spec.impressions.path} was quarantined; see {out}/quarantine after fixing the columns")
-    tmin, tmax = int(tmin), int(tmax)
-    test_start = (tmax // DAY_MS - cfg.test_days + 1) * DAY_MS
+    days = user_day.index.get_level_values("day")
+    first_day, last_day = int(days.min()), int(days.max())
+    test_start = (last_day - cfg.test_days + 1) * DAY_MS
     valid_start = test_start - cfg.valid_days * DAY_MS
-    if valid_start <= tmin:
-        days = (tmax - tmin) / DAY_MS
+    if valid_start // DAY_MS <= first_day:
         raise UserError(
-            f"the log spans {days:.1f} days, too few for --valid-days {cfg.valid_days} and --test-days "
-            f"{cfg.test_days} with training days before them; lower them or add data"
+            f"the log spans {last_day - first_day + 1} calendar days, too few for --valid-days {cfg.valid_days} "
+            f"and --test-days {cfg.test_days} with training days before them; lower them or add data"
         )
-    train = good[good.timestamp < valid_start]
-    item_all, item_train, user_train, hour_train = dask.compute(
-        good.item.value_counts(),
-        train.item.value_counts(),
-        train.user.value_counts(),
-        train.map_partitions(lambda d: (d.timestamp // HOUR_MS) % 24, meta=("timestamp", "int64")).value_counts(),
-    )
+    valid_day = valid_start // DAY_MS
+
+    def train_counts(by_day: pd.Series) -> pd.Series:
+        in_train = by_day.index.get_level_values("day") < valid_day
+        return by_day[in_train].groupby(level=0).sum()
+
+    item_all = item_day.groupby(level=0).sum()
+    item_train = train_counts(item_day)
+    user_train = train_counts(user_day)
+    hour_train = train_counts(hour_day)
+    user_keys = pd.Index(user_day.index.get_level_values(0).unique())
 
     # 3. vocabularies and lookup tables ---------------------------------------------------
-    _stage(progress, 3, "building vocabularies")
+    stage(3, "vocab", "building vocabularies")
     vocabs: dict[str, pd.DataFrame] = {}
     item_keys = pd.Index(item_all.index)
     items = None
@@ -370,7 +446,6 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
             row = image_keys.get_indexer(pd.Index(keys))
             item_table["image_row"] = np.where(row >= 0, row + 1, 0).astype(np.int64)
 
-    user_keys = pd.Index(good.user.unique().compute())
     user_table = pd.DataFrame(index=user_keys)
     vocabs["user_id"] = build_vocab(user_train, cfg.min_count)
     user_table["user_id"] = encode(user_table.index, vocabs["user_id"])
@@ -390,18 +465,37 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
         frame.to_parquet(tmp / "vocab" / f"{name}.parquet", index=False)
 
     # 4. histories + shards, and the image store, in one computation ------------------------
-    _stage(progress, 4, f"building behaviour sequences and shards; decoding {n_images} images")
+    stage(4, "shards_and_images", f"building behaviour sequences and shards; decoding {n_images} images")
     # Partitioning depends on the data only, never on the cluster, so any cluster writes the same shards.
-    nparts = max(2, int(np.ceil(rows_ok / cfg.partition_rows)))
-    shuffled = good.shuffle(on="user", npartitions=nparts)
+    # Histories need each user's clicks next to the user's impressions. When the clicks fit in a
+    # worker's memory they are broadcast to every partition (a map-side join: no shuffle of the
+    # impressions at all); otherwise the impressions are shuffled by user. Either way the rows and
+    # their histories are the same; only the split of rows into shards differs.
+    clicks_df = None
+    join = cfg.history_join
+    if join == "auto":
+        join = "broadcast" if n_pos <= cfg.broadcast_clicks_max else "shuffle"
+    if join == "broadcast":
+        c = good[good.label == 1][["user", "timestamp", "impression_id", "item"]].compute()
+        clicks_df = pd.DataFrame({
+            "upos": user_table.index.get_indexer(pd.Index(c["user"])),
+            "timestamp": c["timestamp"].to_numpy(dtype=np.int64),
+            "impression_id": c["impression_id"].to_numpy(dtype=np.int64),
+            "ipos": item_table.index.get_indexer(pd.Index(c["item"])),
+        })
+        parts = good
+    else:
+        # Partitioning depends on the data only, never on the cluster, so any cluster writes the same shards.
+        parts = good.shuffle(on="user", npartitions=max(2, int(np.ceil(rows_ok / cfg.partition_rows))))
     item_d = dask.delayed(item_table, pure=True)
     user_d = dask.delayed(user_table, pure=True)
     stats_meta = _build_partition(
         good._meta, item_table.iloc[:0], user_table.iloc[:0], vocabs["hour"], (valid_start, test_start),
         cfg.max_behaviors, str(tmp / ".meta"), partition_info={"number": 0},
     )
-    stats = shuffled.map_partitions(
+    stats = parts.map_partitions(
         _build_partition, item_d, user_d, vocabs["hour"], (valid_start, test_start), cfg.max_behaviors, str(tmp),
+        dask.delayed(clicks_df, pure=True) if clicks_df is not None else None,
         meta=stats_meta, align_dataframes=False,
     )
     image_tasks = []
@@ -421,10 +515,10 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
         futures = client.compute([stats, *image_tasks])
     results = _wait(client, futures, progress)
     stats_df, image_frames = results[0], results[1:]
-    del good, shuffled, train  # release the persisted rows on the workers
+    del good, g, parts  # release the persisted rows on the workers
 
     # 5. manifest and listings -------------------------------------------------------------
-    _stage(progress, 5, "writing manifest")
+    stage(5, "manifest", "writing manifest")
     qparts = sorted(qdir.glob("part-*.parquet"))
     reasons = (pd.concat([pd.read_parquet(p, columns=["reason"]) for p in qparts])["reason"].value_counts()
                if qparts else pd.Series(dtype="int64"))
@@ -505,6 +599,8 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
         "oracle": oracle,
         "mlflow_run_id": run.run_id if run is not None else None,
     }
+    stage.stop()
+    manifest["stage_seconds"] = stage.seconds
     if manifest["counts"]["rows_out"] + quarantined != rows_in:
         raise RuntimeError(f"internal: {rows_in} rows in but {manifest['counts']['rows_out']} out + {quarantined} quarantined")
     return manifest

@@ -35,10 +35,11 @@ def _decode(vocab_path: Path) -> dict:
     return dict(zip(v["index"], v["id"]))
 
 
-def test_every_row_matches_the_definition(raw_source, tmp_path, dask_address):
+@pytest.mark.parametrize("join", ["broadcast", "shuffle"])
+def test_every_row_matches_the_definition(raw_source, tmp_path, dask_address, join):
     raw, df = raw_source
     out = tmp_path / "out"
-    m = _run(raw, out, dask_address, max_behaviors=4, min_count=1)
+    m = _run(raw, out, dask_address, max_behaviors=4, min_count=1, history_join=join)
     rows = pd.concat([_read_split(out, s).assign(split=s) for s in ("train", "valid", "test")], ignore_index=True)
     assert len(rows) == len(df) == m["counts"]["rows_out"]
     assert set(rows.impression_id) == set(df.impression_id)
