@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.synth import draw
+from trainer import metrics
 from vitrine.atomic import atomic_dir
 from vitrine.errors import UserError
 
@@ -163,40 +164,9 @@ def _zipf_weights(n: int, s: float) -> np.ndarray:
     return w / w.sum()
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    if labels.size == 0 or labels.min() == labels.max():
-        return None
-    return float(roc_auc_score(labels, scores))
-
-
-def _gauc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """Per-group AUC weighted by the group's impressions, skipping groups whose labels are all equal
-    (ties in score count one half), as in the DICM paper."""
-    n = labels.size
-    if n == 0:
-        return None
-    order = np.lexsort((scores, groups))
-    g, y, s = groups[order], labels[order].astype(np.int64), scores[order]
-    gstart = np.r_[True, g[1:] != g[:-1]]
-    # midranks of the scores within each group (1-based), averaging ties
-    tstart = gstart | np.r_[True, s[1:] != s[:-1]]
-    tid = np.cumsum(tstart) - 1
-    first = np.flatnonzero(tstart)
-    last = np.r_[first[1:], n] - 1
-    gid = np.cumsum(gstart) - 1
-    gfirst = np.flatnonzero(gstart)
-    rank = (first[tid] + last[tid]) / 2.0 - gfirst[gid] + 1.0
-    npos = np.bincount(gid, weights=y)
-    ntot = np.bincount(gid).astype(np.float64)
-    nneg = ntot - npos
-    rsum = np.bincount(gid, weights=rank * y)
-    ok = (npos > 0) & (nneg > 0)
-    if not ok.any():
-        return None
-    auc = (rsum[ok] - npos[ok] * (npos[ok] + 1) / 2.0) / (npos[ok] * nneg[ok])
-    return float(np.average(auc, weights=ntot[ok]))
+def _defined(value: float) -> float | None:
+    """JSON has no NaN: an undefined metric (one class only) is written as null."""
+    return None if math.isnan(value) else float(value)
 
 
 def _validate(cfg: WorldConfig) -> tuple[int, int]:
@@ -686,11 +656,11 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
         "ctr": n_clicks / total if total else None,
         "mean_p_click": sum_p / total if total else None,
         "oracle_rows": int(y.size),
-        "oracle_auc": _auc(y, p),
-        "oracle_auc_without_visual": _auc(y, p_nv),
-        "oracle_auc_without_sequence": _auc(y, p_ns),
-        "oracle_gauc": _gauc(g, y, p),
-        "oracle_gauc_without_visual": _gauc(g, y, p_nv),
+        "oracle_auc": _defined(metrics.auc(y, p)),
+        "oracle_auc_without_visual": _defined(metrics.auc(y, p_nv)),
+        "oracle_auc_without_sequence": _defined(metrics.auc(y, p_ns)),
+        "oracle_gauc": _defined(metrics.gauc(y, p, g)),
+        "oracle_gauc_without_visual": _defined(metrics.gauc(y, p_nv, g)),
         "cold_items": int(cold_mask.sum()),
         "cold_items_shown": len(shown_cold),
         "impression_parts": n_parts,
