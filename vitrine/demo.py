@@ -1,7 +1,7 @@
 """`vitrine demo`: the main job end to end on the built-in synthetic world.
 
 Generates the default world (once; reused when its settings match), processes it on a local Dask
-cluster and says where everything went. Each capability Vitrine gains is added here as a step.
+cluster, trains the DICM on it and says where everything went. Each capability Vitrine gains is added here as a step.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="world size multiplier (1.0 = ~100k impressions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="Dask worker processes")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs")
     p.set_defaults(func=run_demo)
 
 
@@ -41,12 +42,20 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"== 2. Dask pipeline -> {out}")
     manifest = run_pipeline(PipelineConfig(raw=str(raw), out=str(out), workers=args.workers, overwrite=True))
     print(summarize(manifest))
+    print(f"== 3. DICM training (single process, in-process image service) on {out}")
+    from trainer.cli import summarize as train_summary
+    from trainer.train import TrainConfig, train
+
+    result = train(TrainConfig(dataset=str(out), epochs=args.epochs, seed=args.seed))
+    print(train_summary(result))
     print()
     print("Where to look:")
     print(f"  dataset        {out}  (manifest.json, train/ valid/ test/, images/pixels.npy)")
     print(f"  quarantine     {out / 'quarantine'}")
     print(f"  MLflow store   {tracking.tracking_uri()}")
-    print(f"  MLflow run     {manifest.get('mlflow_run_id')} (experiment {tracking.PIPELINE_EXPERIMENT})")
+    print(f"  MLflow runs    pipeline {manifest.get('mlflow_run_id')} (experiment {tracking.PIPELINE_EXPERIMENT}), "
+          f"training {result.get('run_id')} (experiment {tracking.TRAIN_EXPERIMENT})")
+    print(f"  checkpoints    {result['run_dir']}")
     print(f"  MLflow UI      .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1")
     return 0
 

@@ -1,0 +1,129 @@
+"""The single-process trainer on a small generated world: it learns, it resumes exactly, it logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from trainer.train import TrainConfig, train
+from vitrine.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def world_dataset(tmp_path_factory, dask_address):
+    from pipeline.build import PipelineConfig, run_pipeline
+    from pipeline.synth.world import WorldConfig, generate
+
+    root = tmp_path_factory.mktemp("train-world")
+    generate(WorldConfig(users=300, items=150, days=5, seed=5), root / "raw", progress=False)
+    run_pipeline(PipelineConfig(raw=str(root / "raw"), out=str(root / "ds"), scheduler=dask_address,
+                                progress=False, max_behaviors=20, track=False))
+    return root / "ds"
+
+
+def _cfg(ds: Path, run_dir: Path, **kw) -> TrainConfig:
+    base = dict(dataset=str(ds), run_dir=str(run_dir), batch_size=128, epochs=2, progress=False,
+                track=False, threads=1, checkpoint_every=5, eval_batch_size=2048)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_learns_better_than_a_constant(world_dataset, tmp_path):
+    r = train(_cfg(world_dataset, tmp_path / "run", epochs=3))
+    assert r["test_auc"] > 0.6
+    ctr = r["test_ctr"]
+    constant_logloss = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))
+    assert r["test_logloss"] < constant_logloss
+    assert r["test_oracle_auc"] > r["test_auc"]  # nobody beats the truth
+    assert 0 < r["test_cold_n"] < r["test_n"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["test_auc"] == pytest.approx(r["test_auc"])
+
+
+def test_killed_run_resumes_to_the_same_result(world_dataset, tmp_path):
+    reference = train(_cfg(world_dataset, tmp_path / "reference"))
+
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "vitrine", "train", "--dataset", str(world_dataset), "--run-dir", str(run_dir),
+           "--batch-size", "128", "--epochs", "2", "--no-progress", "--no-track", "--threads", "1",
+           "--checkpoint-every", "5", "--eval-batch-size", "2048"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = run_dir / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    assert killed_at < reference["steps"], "the run finished before it could be killed"
+
+    resumed = train(TrainConfig(resume=str(run_dir), progress=False))
+    assert resumed["steps"] == reference["steps"]
+    for key in ("test_auc", "test_gauc", "test_logloss", "test_cold_auc", "valid_auc"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-9), key
+
+
+def test_mlflow_run_holds_params_metrics_config_and_a_working_model(world_dataset, tmp_path):
+    import mlflow.pytorch
+    from mlflow.models import get_model_info
+    from mlflow.tracking import MlflowClient
+
+    from trainer import checkpoint
+    from trainer.data import BatchLoader, LoaderConfig
+    from trainer.dataset import open_dataset
+    from trainer.images import image_inputs
+    from trainer.serving import pack
+    from trainer.train import Trainer
+    from vitrine import tracking
+
+    r = train(_cfg(world_dataset, tmp_path / "run", epochs=1, track=True, log_every=2))
+    client = MlflowClient(tracking.tracking_uri())
+    run = client.get_run(r["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["features"] == "ids+images" and run.data.params["lr"] == "0.001"
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert len(loss) >= r["steps"] // 2 and [m.step for m in loss] == sorted(m.step for m in loss)
+    assert client.get_metric_history(run.info.run_id, "samples_per_s")
+    for key in ("valid_auc", "test_auc", "test_gauc", "test_logloss", "test_cold_auc", "test_oracle_auc"):
+        assert run.data.metrics[key] == pytest.approx(r[key]), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "model_layout.json"} <= artifacts
+
+    info = get_model_info(f"runs:/{run.info.run_id}/model")
+    assert info.signature is not None and info.signature.inputs.to_dict()
+    layout_path = client.download_artifacts(run.info.run_id, "model_layout.json", str(tmp_path))
+    layout = [tuple(x) for x in json.loads(Path(layout_path).read_text())["layout"]]
+
+    # The logged model, loaded back, scores a test batch as the trainer's own model does.
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    trainer = Trainer(_cfg(world_dataset, tmp_path / "unused", epochs=1))
+    trainer.load_state(checkpoint.load(tmp_path / "run"))
+    batch = next(iter(BatchLoader(open_dataset(world_dataset), "test", LoaderConfig(batch_size=256), 0, False).epoch(0)))
+    with torch.no_grad():
+        trainer.model.eval()
+        img = image_inputs(batch, trainer.service, True, True, train=False)
+        expect = torch.sigmoid(trainer.model(batch, img.ad, img.hist)).numpy()
+        got = model(torch.from_numpy(pack(batch, layout))).numpy()
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+
+
+def test_bad_dataset_is_refused_before_training(tmp_path):
+    with pytest.raises(UserError, match="does not exist|missing"):
+        train(TrainConfig(dataset=str(tmp_path / "nope"), track=False, progress=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "vitrine", "train", "--dataset", str(tmp_path / "nope"), "--no-track"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and str(tmp_path / "nope") in done.stderr

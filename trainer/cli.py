@@ -1,0 +1,40 @@
+"""`vitrine train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vitrine.config import add_dataclass_args, from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from trainer.train import TrainConfig
+
+    p = sub.add_parser("train", help="train the Deep Image CTR Model on a processed dataset")
+    add_dataclass_args(p, TrainConfig)
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.train import TrainConfig, train
+
+    result = train(from_args(TrainConfig, args))
+    print(summarize(result))
+    return 0
+
+
+def summarize(r: dict) -> str:
+    def f(key: str) -> str:
+        v = r.get(key)
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = [
+        f"test      AUC {f('test_auc')}  GAUC {f('test_gauc')}  logloss {f('test_logloss')}  "
+        f"cold-start AUC {f('test_cold_auc')} ({r.get('test_cold_n', 0)} impressions)",
+        f"oracle    AUC {f('test_oracle_auc')} (the best any model can do on this test split)",
+        f"steps     {r.get('steps')}; checkpoints in {r.get('run_dir')}",
+    ]
+    if r.get("run_id"):
+        lines.append(f"mlflow    run {r['run_id']} in experiment vitrine-train")
+    return "\n".join(lines)

@@ -1,0 +1,329 @@
+"""Single-process DICM training: the yardstick every faster mode is measured against.
+
+One step: the batch's image ids go to the image service (`trainer.images`), the model runs on ID
+embeddings and the returned image embeddings, Adam updates the model, and the embeddings' gradients
+go back to the service, which updates the descriptor head. Evaluation on valid after each epoch and
+on test at the end; checkpoints every `checkpoint_every` steps and at the end; one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from image_service.descriptor import DescriptorConfig
+from image_service.service import ImageService
+from trainer import checkpoint, metrics
+from trainer.data import BatchLoader, LoaderConfig
+from trainer.dataset import Dataset, open_dataset
+from trainer.features import FeatureMap
+from trainer.images import image_inputs
+from trainer.model import DICM, ModelConfig
+from vitrine import paths
+from vitrine.errors import UserError
+
+
+def _h(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = field(default="data/processed/demo", metadata=_h("processed dataset directory"))
+    mode: str = field(default="single", metadata=_h("training mode", choices=("single",)))
+    features: str = field(default="ids+images", metadata=_h("ids | ids+ad_image | ids+behavior_images | ids+images",
+                                                            choices=("ids", "ids+ad_image", "ids+behavior_images", "ids+images")))
+    aggregator: str = field(default="attentive", metadata=_h("behaviour-image aggregation",
+                                                             choices=("sum", "max", "attentive", "multi_query")))
+    epochs: int = field(default=2, metadata=_h("passes over the train split (the paper converges in about 2)"))
+    batch_size: int = field(default=1024, metadata=_h("samples per step"))
+    lr: float = field(default=1e-3, metadata=_h("learning rate of the model and of the descriptor head"))
+    lr_decay: float = field(default=0.9, metadata=_h("multiply the learning rate by this every lr_decay_steps"))
+    lr_decay_steps: int = field(default=24_000, metadata=_h("steps between learning-rate decays (paper: 24k)"))
+    optimizer: str = field(default="adam", metadata=_h("adam (paper) or sgd", choices=("adam", "sgd")))
+    seed: int = field(default=0, metadata=_h("seed of initialisation and data order"))
+    max_len: int = field(default=0, metadata=_h("behaviours per sample; 0 = the dataset's"))
+    embed_dim: int = field(default=12, metadata=_h("ID embedding dimension"))
+    image_dim: int = field(default=12, metadata=_h("image embedding dimension"))
+    mlp: tuple[int, ...] = field(default=(200, 80), metadata=_h("hidden sizes of the final MLP"))
+    trunk: str = field(default="resnet18", metadata=_h("frozen CNN trunk of the descriptor", choices=("resnet18", "mobilenet_v3_small")))
+    trunk_weights: str | None = field(default=None, metadata=_h("local .pth weights for the trunk (default: seeded random)"))
+    shuffle_buffer: int = field(default=65_536, metadata=_h("rows in the loader's shuffle buffer"))
+    eval_batch_size: int = field(default=4096, metadata=_h("samples per evaluation batch"))
+    max_steps: int = field(default=0, metadata=_h("stop after this many steps (0 = run all epochs)"))
+    checkpoint_every: int = field(default=500, metadata=_h("steps between checkpoints"))
+    run_dir: str | None = field(default=None, metadata=_h("where checkpoints go (default data/runs/<run name>)"))
+    resume: str | None = field(default=None, metadata=_h("run directory of a killed run to continue"))
+    threads: int = field(default=0, metadata=_h("torch threads (0 = all cores)"))
+    track: bool = field(default=True, metadata=_h("log the run to MLflow"))
+    log_every: int = field(default=10, metadata=_h("steps between logged step metrics"))
+    progress: bool = field(default=True, metadata=_h("show a progress bar"))
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(embed_dim=self.embed_dim, mlp=self.mlp, features=self.features,
+                           aggregator=self.aggregator, image_dim=self.image_dim)
+
+    def descriptor_config(self) -> DescriptorConfig:
+        return DescriptorConfig(trunk=self.trunk, weights=self.trunk_weights, out_dim=self.image_dim, lr=self.lr,
+                                optimizer=self.optimizer, seed=self.seed)
+
+    def check(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "log_every", "lr_decay_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number (got {self.lr})")
+        if not 0 < self.lr_decay <= 1:
+            raise UserError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the dataset, model, optimizer, image service, loaders and the run's bookkeeping."""
+
+    def __init__(self, cfg: TrainConfig):
+        cfg.check()
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.ds: Dataset = open_dataset(cfg.dataset)
+        self.fmap = FeatureMap.from_manifest(self.ds.manifest)
+        mcfg = cfg.model_config()
+        if mcfg.features != "ids" and not self.ds.has_images:
+            raise UserError(f"{self.ds.dir} has no image store; train with --features ids")
+        _seed_everything(cfg.seed)
+        self.model = DICM(self.fmap, mcfg)
+        self.service = ImageService(self.ds.dir, cfg.descriptor_config()) if mcfg.features != "ids" else None
+        params = self.model.parameters()
+        self.opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr))
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_decay_steps, gamma=cfg.lr_decay)
+        lcfg = LoaderConfig(batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                            max_len=cfg.max_len or None)
+        self.train_loader = BatchLoader(self.ds, "train", lcfg, seed=cfg.seed, shuffle=True)
+        ecfg = LoaderConfig(batch_size=cfg.eval_batch_size, shuffle_buffer=cfg.eval_batch_size, max_len=cfg.max_len or None)
+        self.eval_loaders = {s: BatchLoader(self.ds, s, ecfg, seed=cfg.seed, shuffle=False)
+                             for s in ("valid", "test") if self.ds.rows(s)}
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.run_id: str | None = None
+
+    # -- one step ----------------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        self.model.train()
+        img = image_inputs(batch, self.service, self.model.uses_ad_image, self.model.uses_hist_images, train=True)
+        logits = self.model(batch, img.ad, img.hist)
+        loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        img.push_gradients(self.service, token=self.step)
+        self.step += 1
+        return float(loss.detach())
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, split: str) -> dict[str, np.ndarray]:
+        self.model.eval()
+        out: dict[str, list[np.ndarray]] = {k: [] for k in ("p", "y", "group", "cold", "impression_id")}
+        for batch in self.eval_loaders[split].epoch(0):
+            img = image_inputs(batch, self.service, self.model.uses_ad_image, self.model.uses_hist_images, train=False)
+            p = torch.sigmoid(self.model(batch, img.ad, img.hist))
+            out["p"].append(p.double().numpy())
+            out["y"].append(batch["label"].numpy())
+            out["group"].append(batch["group_id"].numpy())
+            out["cold"].append(batch["cold_item"].numpy())
+            out["impression_id"].append(batch["impression_id"].numpy())
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        pred = self.predict(split)
+        oracle_p = None
+        oracle = self.ds.oracle()
+        if oracle is not None:
+            oracle_p = (oracle.set_index("impression_id")["p_click"].reindex(pred["impression_id"]).to_numpy())
+            if np.isnan(oracle_p).any():
+                oracle_p = None
+        return metrics.evaluate(pred["y"], pred["p"], pred["group"], pred["cold"], oracle_p)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "service": self.service.state_dict() if self.service is not None else None,
+            "rng": torch.get_rng_state(), "config": asdict(self.cfg), "run_id": self.run_id,
+            "history": self.history,
+        }
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        if self.service is not None and st["service"] is not None:
+            self.service.load_state_dict(st["service"])
+        torch.set_rng_state(st["rng"])
+        self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+        self.run_id = st.get("run_id")
+        self.history = st.get("history", [])
+
+
+def _run_dir(cfg: TrainConfig, name: str) -> Path:
+    return Path(cfg.run_dir).resolve() if cfg.run_dir else paths.data_root() / "runs" / name
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training job; returns the final metrics and where things went."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume).resolve()
+        st = checkpoint.load(run_dir)
+        saved = st["config"]
+        # The run continues with its own settings; only the progress display may differ.
+        cfg = TrainConfig(**{**saved, "mlp": tuple(saved["mlp"]), "resume": str(run_dir),
+                             "run_dir": str(run_dir), "progress": cfg.progress})
+    else:
+        st = None
+    trainer = Trainer(cfg)
+    name = f"dicm-{cfg.features}-{cfg.aggregator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = _run_dir(cfg, name)
+    if st is not None:
+        trainer.load_state(st)
+    elif (run_dir / checkpoint.NAME).exists():
+        raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    logger = None
+    if cfg.track:
+        from trainer.tracking import RunLogger
+
+        logger = RunLogger(trainer.run_id, cfg, run_name=name,
+                           tags={"vitrine.dataset": str(trainer.ds.dir), "vitrine.mode": cfg.mode,
+                                 "vitrine.run_dir": str(run_dir)})
+        trainer.run_id = logger.run_id
+        logger.log_dict(asdict(cfg), "config.json")
+    try:
+        result = _fit(trainer, run_dir, logger)
+    except KeyboardInterrupt:
+        checkpoint.save(run_dir, trainer.state())
+        if logger is not None:
+            logger.close("KILLED")
+        raise
+    except BaseException:
+        if logger is not None:
+            logger.close("FAILED")
+        raise
+    if logger is not None:
+        _log_model(trainer, logger)
+        logger.close("FINISHED")
+    result.update(run_dir=str(run_dir), run_id=trainer.run_id)
+    return result
+
+
+def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
+    cfg = trainer.cfg
+    steps_per_epoch = len(trainer.train_loader)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True)
+    window_t, window_n = time.perf_counter(), 0
+    done = trainer.step >= total
+    while not done and trainer.epoch < cfg.epochs:
+        for batch in trainer.train_loader.epoch(trainer.epoch, skip_batches=trainer.batch_in_epoch):
+            loss = trainer.train_step(batch)
+            trainer.batch_in_epoch += 1
+            window_n += int(batch["label"].shape[0])
+            if trainer.step % cfg.log_every == 0 or trainer.step == total:
+                now = time.perf_counter()
+                sps = window_n / max(now - window_t, 1e-9)
+                window_t, window_n = now, 0
+                if logger is not None:
+                    logger.log_metrics({"loss": loss, "samples_per_s": sps, "lr": trainer.sched.get_last_lr()[0]},
+                                       step=trainer.step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:,.0f}")
+            if bar is not None:
+                bar.update(1)
+            if trainer.step % cfg.checkpoint_every == 0:
+                checkpoint.save(run_dir, trainer.state())
+            if trainer.step >= total:
+                done = True
+                break
+        if not done or trainer.batch_in_epoch >= steps_per_epoch:
+            # A finished epoch: evaluate on valid, move on.
+            trainer.epoch += 1
+            trainer.batch_in_epoch = 0
+            if "valid" in trainer.eval_loaders:
+                m = trainer.evaluate("valid")
+                trainer.history.append({"epoch": trainer.epoch, "step": trainer.step, **{f"valid_{k}": v for k, v in m.items()}})
+                if logger is not None:
+                    logger.log_metrics({f"valid_{k}": v for k, v in m.items() if _finite(v)}, step=trainer.step)
+            checkpoint.save(run_dir, trainer.state())
+    if bar is not None:
+        bar.close()
+    final: dict[str, Any] = {"steps": trainer.step}
+    if "test" in trainer.eval_loaders:
+        m = trainer.evaluate("test")
+        final.update({f"test_{k}": v for k, v in m.items()})
+        if logger is not None:
+            logger.log_metrics({f"test_{k}": v for k, v in m.items() if _finite(v)}, step=trainer.step)
+    if trainer.history:
+        final.update({k: v for k, v in trainer.history[-1].items() if k.startswith("valid_")})
+    checkpoint.save(run_dir, trainer.state())
+    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
+    return final
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _log_model(trainer: Trainer, logger) -> None:
+    """Log the self-contained scorer with a signature inferred from a real test batch."""
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    from trainer.serving import CTRPredictor, layout_for, pack
+
+    split = "test" if "test" in trainer.eval_loaders else "valid"
+    batch = next(iter(trainer.eval_loaders[split].epoch(0)))
+    seq = [k for k in ("hist_image", *(f.name for f in trainer.fmap.sequences)) if k in batch]
+    layout = layout_for(trainer.model, batch[seq[0]].shape[1] if seq else 0)
+    service = trainer.service
+    head = service.head_module() if service is not None else None
+    feats = service.trunk_features(torch.arange(service.n_images)) if service is not None else None
+    predictor = CTRPredictor(trainer.model, head, feats, layout).eval()
+    x = pack({k: v[:64] for k, v in batch.items()}, layout)
+    with torch.no_grad():
+        y = predictor(torch.from_numpy(x)).numpy()
+    signature = infer_signature(x, y)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    with mlflow.start_run(run_id=logger.run_id):
+        mlflow.pytorch.log_model(predictor, name="model", signature=signature, input_example=x[:2],
+                                 serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    logger.log_dict({"layout": layout}, "model_layout.json")
