@@ -10,7 +10,7 @@ from vitrine.config import add_dataclass_args, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pipeline.build import PipelineConfig
+    from pipeline.config import PipelineConfig
     from pipeline.synth.world import WorldConfig
 
     g = sub.add_parser("generate", help="write a synthetic world (impressions, items, users, images, ground truth)")

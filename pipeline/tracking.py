@@ -79,6 +79,13 @@ def _contact_sheet(dataset_dir: Path) -> Path | None:
     return path
 
 
+def warm_up() -> None:
+    """Import MLflow and open the store (schema migrations included) ahead of use."""
+    import mlflow.tracking  # noqa: F401
+
+    tracking.setup()
+
+
 @contextmanager
 def pipeline_run(cfg, out: Path) -> Iterator[PipelineRun | None]:
     if not cfg.track:

@@ -9,7 +9,7 @@ from vitrine.config import add_dataclass_args, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from trainer.train import TrainConfig
+    from trainer.config import TrainConfig
 
     p = sub.add_parser("train", help="train the Deep Image CTR Model on a processed dataset")
     add_dataclass_args(p, TrainConfig)

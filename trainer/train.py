@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,70 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from image_service.descriptor import DescriptorConfig
 from image_service.service import ImageService
 from trainer import checkpoint, metrics
 from trainer.data import BatchLoader, LoaderConfig
 from trainer.dataset import Dataset, open_dataset
 from trainer.features import FeatureMap
 from trainer.images import image_inputs
-from trainer.model import DICM, ModelConfig
+from trainer.config import TrainConfig
+from trainer.model import DICM
 from vitrine import paths
 from vitrine.errors import UserError
-
-
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
-
-
-@dataclass
-class TrainConfig:
-    dataset: str = field(default="data/processed/demo", metadata=_h("processed dataset directory"))
-    mode: str = field(default="single", metadata=_h("training mode", choices=("single",)))
-    features: str = field(default="ids+images", metadata=_h("ids | ids+ad_image | ids+behavior_images | ids+images",
-                                                            choices=("ids", "ids+ad_image", "ids+behavior_images", "ids+images")))
-    aggregator: str = field(default="attentive", metadata=_h("behaviour-image aggregation",
-                                                             choices=("sum", "max", "attentive", "multi_query")))
-    epochs: int = field(default=2, metadata=_h("passes over the train split (the paper converges in about 2)"))
-    batch_size: int = field(default=1024, metadata=_h("samples per step"))
-    lr: float = field(default=1e-3, metadata=_h("learning rate of the model and of the descriptor head"))
-    lr_decay: float = field(default=0.9, metadata=_h("multiply the learning rate by this every lr_decay_steps"))
-    lr_decay_steps: int = field(default=24_000, metadata=_h("steps between learning-rate decays (paper: 24k)"))
-    optimizer: str = field(default="adam", metadata=_h("adam (paper) or sgd", choices=("adam", "sgd")))
-    seed: int = field(default=0, metadata=_h("seed of initialisation and data order"))
-    max_len: int = field(default=0, metadata=_h("behaviours per sample; 0 = the dataset's"))
-    embed_dim: int = field(default=12, metadata=_h("ID embedding dimension"))
-    image_dim: int = field(default=12, metadata=_h("image embedding dimension"))
-    mlp: tuple[int, ...] = field(default=(200, 80), metadata=_h("hidden sizes of the final MLP"))
-    trunk: str = field(default="resnet18", metadata=_h("frozen CNN trunk of the descriptor", choices=("resnet18", "mobilenet_v3_small")))
-    trunk_weights: str | None = field(default=None, metadata=_h("local .pth weights for the trunk (default: seeded random)"))
-    shuffle_buffer: int = field(default=65_536, metadata=_h("rows in the loader's shuffle buffer"))
-    eval_batch_size: int = field(default=4096, metadata=_h("samples per evaluation batch"))
-    max_steps: int = field(default=0, metadata=_h("stop after this many steps (0 = run all epochs)"))
-    checkpoint_every: int = field(default=500, metadata=_h("steps between checkpoints"))
-    run_dir: str | None = field(default=None, metadata=_h("where checkpoints go (default data/runs/<run name>)"))
-    resume: str | None = field(default=None, metadata=_h("run directory of a killed run to continue"))
-    threads: int = field(default=0, metadata=_h("torch threads (0 = all cores)"))
-    track: bool = field(default=True, metadata=_h("log the run to MLflow"))
-    log_every: int = field(default=10, metadata=_h("steps between logged step metrics"))
-    progress: bool = field(default=True, metadata=_h("show a progress bar"))
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(embed_dim=self.embed_dim, mlp=self.mlp, features=self.features,
-                           aggregator=self.aggregator, image_dim=self.image_dim)
-
-    def descriptor_config(self) -> DescriptorConfig:
-        return DescriptorConfig(trunk=self.trunk, weights=self.trunk_weights, out_dim=self.image_dim, lr=self.lr,
-                                optimizer=self.optimizer, seed=self.seed)
-
-    def check(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "log_every", "lr_decay_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number (got {self.lr})")
-        if not 0 < self.lr_decay <= 1:
-            raise UserError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
 
 
 def _seed_everything(seed: int) -> None:
