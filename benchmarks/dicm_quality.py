@@ -59,7 +59,7 @@ def speed(ds: Path, steps: int = 60) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=0, help="0 = the trainer's default")
+    ap.add_argument("--epochs", type=int, default=8, help="epochs per run (the default world is small)")
     ap.add_argument("--work", default=str(ROOT / "data" / "bench" / "dicm"))
     args = ap.parse_args()
 

@@ -29,7 +29,7 @@ class PipelineConfig:
     min_count: int = field(default=2, metadata=_h("IDs seen fewer times in train map to out-of-vocabulary"))
     valid_days: int = field(default=1, metadata=_h("days before the test days that form the valid split"))
     test_days: int = field(default=1, metadata=_h("last days of the log that form the test split"))
-    partition_rows: int = field(default=250_000, metadata=_h("target rows per output partition"))
+    partition_rows: int = field(default=250_000, metadata=_h("target rows per output shard when histories are joined by shuffle (broadcast keeps the input partitions)"))
     max_image_bytes: int = field(default=10_000_000, metadata=_h("images larger than this file size are replaced"))
     max_image_pixels: int = field(default=25_000_000, metadata=_h("images with more pixels than this are replaced, before decoding"))
     image_formats: tuple[str, ...] = field(default=("PNG", "JPEG", "WEBP", "GIF", "BMP"), metadata=_h("allowed image formats"))
