@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -207,6 +208,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=float, nargs="*", default=[1, 10], help="world scales to time against the baseline")
     ap.add_argument("--memory-size", type=float, default=50, help="world scale for the memory target (0 to skip)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per timed size; the median time is reported")
     ap.add_argument("--work", default=str(ROOT / "data" / "bench"), help="where worlds and outputs go")
     ap.add_argument("--baseline", nargs=2, metavar=("RAW", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -226,12 +228,16 @@ def main() -> int:
     for scale, with_baseline in plan:
         raw, n = ensure_world(scale, work)
         out = work / f"out-scale{scale:g}"
-        p_time, p_mem, _ = measure(vitrine + ["pipeline", "--raw", str(raw), "--out", str(out), "--overwrite",
-                                              "--workers", str(args.workers), "--no-progress"], env)
+        repeat = args.repeat if with_baseline else 1
+        p_runs = [measure(vitrine + ["pipeline", "--raw", str(raw), "--out", str(out), "--overwrite",
+                                     "--workers", str(args.workers), "--no-progress"], env) for _ in range(repeat)]
+        p_time, p_mem = statistics.median(r[0] for r in p_runs), max(r[1] for r in p_runs)
         row = {"impressions": n, "scale": scale, "pipeline_s": round(p_time, 2), "pipeline_events_per_s": round(n / p_time),
                "pipeline_peak_mb": round(p_mem)}
         if with_baseline:
-            b_time, b_mem, _ = measure([sys.executable, __file__, "--baseline", str(raw), str(work / "baseline-out")], env)
+            b_runs = [measure([sys.executable, __file__, "--baseline", str(raw), str(work / "baseline-out")], env)
+                      for _ in range(repeat)]
+            b_time, b_mem = statistics.median(r[0] for r in b_runs), max(r[1] for r in b_runs)
             row.update(baseline_s=round(b_time, 2), baseline_events_per_s=round(n / b_time), baseline_peak_mb=round(b_mem),
                        time_ratio=round(p_time / b_time, 3))
         rows.append(row)
@@ -244,7 +250,8 @@ def main() -> int:
 
     header = ["impressions", "pipeline s", "events/s", "peak MB", "baseline s", "events/s", "peak MB", "ratio"]
     print()
-    print(f"Pipeline ({args.workers} Dask workers) vs single-process pandas baseline, {os.cpu_count()} cores")
+    print(f"Pipeline ({args.workers} Dask workers) vs single-process pandas baseline, {os.cpu_count()} cores, "
+          f"median of {args.repeat} runs (peak memory: the largest)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
