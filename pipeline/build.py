@@ -286,10 +286,11 @@ def _distinct(ids: np.ndarray) -> np.ndarray:
 
 def _batch_dedup(ad_image: np.ndarray, offsets: np.ndarray, hist_image: np.ndarray) -> tuple[int, int]:
     """Image occurrences vs unique images per batch of AMS_BATCH rows (what AMS's merge saves),
-    over the first AMS_SAMPLE_BATCHES batches of the partition's train rows."""
+    over AMS_SAMPLE_BATCHES batches spread evenly over the partition's (time-ordered) train rows."""
     occ = uniq = 0
-    for start in range(0, min(len(ad_image), AMS_SAMPLE_BATCHES * AMS_BATCH), AMS_BATCH):
-        stop = min(start + AMS_BATCH, len(ad_image))
+    n_batches = -(-len(ad_image) // AMS_BATCH)
+    for b in np.unique(np.linspace(0, n_batches - 1, min(n_batches, AMS_SAMPLE_BATCHES)).astype(np.int64)):
+        start, stop = int(b) * AMS_BATCH, min((int(b) + 1) * AMS_BATCH, len(ad_image))
         ids = np.concatenate([ad_image[start:stop], hist_image[offsets[start]:offsets[stop]]])
         occ += len(ids)
         uniq += len(np.unique(ids))
