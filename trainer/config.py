@@ -36,6 +36,7 @@ class TrainConfig:
     trunk_weights: str | None = field(default=None, metadata=_h("local .pth weights for the trunk (default: seeded random)"))
     shuffle_buffer: int = field(default=65_536, metadata=_h("rows in the loader's shuffle buffer"))
     eval_batch_size: int = field(default=4096, metadata=_h("samples per evaluation batch"))
+    id_dropout: float = field(default=0.2, metadata=_h("share of training rows whose ad item and image IDs are replaced by OOV, so the model learns to score items it has no ID for (cold start)"))
     max_steps: int = field(default=0, metadata=_h("stop after this many steps (0 = run all epochs)"))
     checkpoint_every: int = field(default=500, metadata=_h("steps between checkpoints"))
     run_dir: str | None = field(default=None, metadata=_h("where checkpoints go (default data/runs/<run name>)"))
@@ -63,5 +64,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be a positive number (got {self.lr})")
+        if not 0 <= self.id_dropout < 1:
+            raise UserError(f"--id-dropout must be in [0, 1) (got {self.id_dropout})")
         if not 0 < self.lr_decay <= 1:
             raise UserError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from image_service.service import ImageService
+from pipeline.vocab import OOV
 from trainer import checkpoint, metrics
 from trainer.data import BatchLoader, LoaderConfig
 from trainer.dataset import Dataset, open_dataset
 from trainer.features import FeatureMap
-from trainer.images import image_inputs
 from trainer.config import TrainConfig
+from trainer.images import image_inputs
 from trainer.model import DICM
 from vitrine import paths
 from vitrine.errors import UserError
@@ -69,10 +70,13 @@ class Trainer:
         self.batch_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.run_id: str | None = None
+        self._id_rng = torch.Generator().manual_seed(cfg.seed + 1)
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         self.model.train()
+        if self.cfg.id_dropout:
+            batch = self._drop_ad_ids(batch)
         img = image_inputs(batch, self.service, self.model.uses_ad_image, self.model.uses_hist_images, train=True)
         logits = self.model(batch, img.ad, img.hist)
         loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype))
@@ -83,6 +87,15 @@ class Trainer:
         img.push_gradients(self.service, token=self.step)
         self.step += 1
         return float(loss.detach())
+
+    def _drop_ad_ids(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cold items reach the model with OOV item and image IDs; show it such rows in training."""
+        drop = torch.rand(batch["label"].shape[0], generator=self._id_rng) < self.cfg.id_dropout
+        batch = dict(batch)
+        for name in ("item_id", "image_id"):
+            if name in batch:
+                batch[name] = torch.where(drop, torch.full_like(batch[name], OOV), batch[name])
+        return batch
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -116,7 +129,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "service": self.service.state_dict() if self.service is not None else None,
-            "rng": torch.get_rng_state(), "config": asdict(self.cfg), "run_id": self.run_id,
+            "rng": torch.get_rng_state(), "id_rng": self._id_rng.get_state(), "config": asdict(self.cfg), "run_id": self.run_id,
             "history": self.history,
         }
 
@@ -127,6 +140,8 @@ class Trainer:
         if self.service is not None and st["service"] is not None:
             self.service.load_state_dict(st["service"])
         torch.set_rng_state(st["rng"])
+        if "id_rng" in st:
+            self._id_rng.set_state(st["id_rng"])
         self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         self.run_id = st.get("run_id")
         self.history = st.get("history", [])
