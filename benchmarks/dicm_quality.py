@@ -42,20 +42,26 @@ def ensure_dataset(work: Path) -> Path:
     return ds
 
 
-def speed(ds: Path, steps: int = 60) -> float:
-    """Samples/s of the default model (L=50, batch 1024) over `steps` training steps, after warm-up."""
-    from trainer.train import TrainConfig, Trainer
-
-    trainer = Trainer(TrainConfig(dataset=str(ds), progress=False, track=False))
+def _timed_steps(trainer, steps: int, logger=None) -> float:
+    """Samples/s over `steps` training steps after 5 warm-up steps; logs as the trainer does."""
     it = trainer.train_loader.epoch(0)
     for _ in range(5):
         trainer.train_step(next(it))
     n, t0 = 0, time.perf_counter()
     for _ in range(steps):
         batch = next(it)
-        trainer.train_step(batch)
+        loss = trainer.train_step(batch)
         n += int(batch["label"].shape[0])
+        if logger is not None and trainer.step % trainer.cfg.log_every == 0:
+            logger.log_metrics({"loss": loss, "samples_per_s": 0.0, "lr": 0.001}, step=trainer.step)
     return n / (time.perf_counter() - t0)
+
+
+def speed(ds: Path, steps: int = 60) -> float:
+    """Samples/s of the default model (L=50, batch 1024)."""
+    from trainer.train import TrainConfig, Trainer
+
+    return _timed_steps(Trainer(TrainConfig(dataset=str(ds), progress=False, track=False)), steps)
 
 
 def logging_overhead(ds: Path, steps: int = 60, rounds: int = 3) -> tuple[float, float]:
@@ -69,17 +75,7 @@ def logging_overhead(ds: Path, steps: int = 60, rounds: int = 3) -> tuple[float,
         for track in (False, True):
             trainer = Trainer(TrainConfig(dataset=str(ds), progress=False, track=False))
             logger = RunLogger(None, trainer.cfg, run_name="logging-overhead") if track else None
-            it = trainer.train_loader.epoch(0)
-            for _ in range(5):
-                trainer.train_step(next(it))
-            n, t0 = 0, time.perf_counter()
-            for _ in range(steps):
-                batch = next(it)
-                loss = trainer.train_step(batch)
-                n += int(batch["label"].shape[0])
-                if logger is not None and trainer.step % trainer.cfg.log_every == 0:
-                    logger.log_metrics({"loss": loss, "samples_per_s": 0.0, "lr": 0.001}, step=trainer.step)
-            rates[track].append(n / (time.perf_counter() - t0))
+            rates[track].append(_timed_steps(trainer, steps, logger))
             if logger is not None:
                 logger.close()
     return statistics.median(rates[False]), statistics.median(rates[True])
