@@ -6,11 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from vitrine.config import help_meta as _h
 from vitrine.errors import UserError
-
-
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
 
 
 @dataclass

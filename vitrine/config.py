@@ -17,6 +17,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def help_meta(text: str, **kw) -> dict:
+    """Field metadata: the help text `add_dataclass_args` shows, plus e.g. `choices`."""
+    return {"help": text, **kw}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
