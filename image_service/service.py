@@ -10,10 +10,18 @@ Protocol, per training step:
     ... model forward on `full`, loss.backward() ...
     service.backward(res.unique_ids, emb.grad)     # or (ids, grad of `full`): summed per id
 
-`embed` returns plain tensors (no autograd graph leaves the service). `backward` recomputes the head
-on the cached trunk features of the unique ids (like XDL, rather than keeping activations between
-the calls), back-propagates the per-id summed gradients and applies one optimizer step at once
-(policy "immediate"); every step increments `version`. An empty `backward` is a no-op.
+`embed` returns plain tensors (no autograd graph leaves the service). `backward` sums the gradients
+per unique id and hands them to the update policy (`image_service.policy`: `immediate` applies each
+push at once, `sync` waits for all workers of a step). Applying an update recomputes the head on the
+cached trunk features of the update's unique ids (like XDL, rather than keeping activations between
+the calls: the head is small and a kept activation would pin memory for every in-flight batch of
+every worker), back-propagates and takes one optimizer step; every step increments `version`. An
+empty `backward` is a no-op. `backward` returns a future that completes when the push's step has
+been applied (already complete under `immediate`).
+
+The same object serves in-process (tests, `--image-service local`) and behind torch.distributed.rpc
+(`image_service.server`); the remote server merges concurrent embed requests before calling
+`compute`, so an image wanted by several workers at once is computed once.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from image_service.descriptor import DescriptorConfig, TrunkFeatures, build_head, config_dict, load_or_compute
+from image_service.policy import Immediate, Push, Update, UpdatePolicy
 from image_service.store import ImageStore
 from vitrine.errors import UserError
 
@@ -54,12 +63,14 @@ class EmbedResult:
 def _new_counters() -> dict[str, float]:
     return {
         "requests": 0,  # embed + backward calls
+        "merged_computes": 0,  # head forwards for embed requests (one per merged group)
         "embed_requests": 0,
         "backward_requests": 0,
         "ids_requested": 0,  # ids received by embed (with repeats)
         "unique_ids_computed": 0,  # head forwards in embed (after dedup)
         "backward_ids": 0,  # ids received by backward (with repeats)
-        "backward_unique_ids": 0,  # head recomputations in backward
+        "backward_unique_ids": 0,  # head recomputations in applied updates
+        "updates": 0,  # optimizer steps of the head
         "bytes_in": 0,  # nbytes of the tensors received (ids, gradients)
         "bytes_out": 0,  # nbytes of the tensors returned (embeddings, inverse, unique ids)
         "embed_seconds": 0.0,
@@ -70,7 +81,8 @@ def _new_counters() -> dict[str, float]:
 class ImageService:
     """Descriptor server over one processed dataset's image store."""
 
-    def __init__(self, dataset_dir: Path | str, cfg: DescriptorConfig | None = None, cache_dir: Path | None = None):
+    def __init__(self, dataset_dir: Path | str, cfg: DescriptorConfig | None = None, cache_dir: Path | None = None,
+                 policy: UpdatePolicy | None = None):
         self.cfg = cfg = cfg or DescriptorConfig()
         self.dataset_dir = Path(dataset_dir)
         store = ImageStore(self.dataset_dir)
@@ -86,10 +98,12 @@ class ImageService:
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.head.parameters(), lr=cfg.lr)
         else:
             self.optimizer = torch.optim.SGD(self.head.parameters(), lr=cfg.lr)
+        self.policy: UpdatePolicy = policy or Immediate()
+        self.pixel_bytes = int(np.prod(store.shape[1:])) * store.get([0]).dtype.itemsize if self.n_images else 0
         self.version = 0
         self.last_token: int | None = None
         self.counters: dict[str, float] = _new_counters()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -123,32 +137,43 @@ class ImageService:
         return self.head
 
     # -- API -------------------------------------------------------------------------------------
-    def embed(self, image_ids: Any) -> EmbedResult:
-        """Embeddings of the unique ids among `image_ids`, each computed once, and the inverse map."""
+    def embed(self, image_ids: Any, occurrences: int | None = None) -> EmbedResult:
+        """Embeddings of the unique ids among `image_ids`, each computed once, and the inverse map.
+
+        `occurrences`: how many ids the caller's batch held before it deduplicated them itself (the
+        remote client does), so that the dedup ratio counts the batch's repeats too."""
         t0 = time.perf_counter()
         ids = self._ids(image_ids)
         unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        emb, version = self.compute(unique)
         with self._lock:
-            with torch.no_grad():
-                emb = self.head(self._features[unique]) if unique.numel() else torch.empty(
-                    (0, self.out_dim), dtype=self.dtype)
-            version = self.version
             c = self.counters
             c["requests"] += 1
             c["embed_requests"] += 1
-            c["ids_requested"] += ids.numel()
-            c["unique_ids_computed"] += unique.numel()
+            c["ids_requested"] += ids.numel() if occurrences is None else int(occurrences)
             c["bytes_in"] += ids.nbytes
             c["bytes_out"] += emb.nbytes + inverse.nbytes + unique.nbytes
             c["embed_seconds"] += time.perf_counter() - t0
         return EmbedResult(emb, inverse, unique, version)
 
-    def backward(self, image_ids: Any, grad_embeddings: Any, token: int | None = None) -> None:
-        """d(loss)/d(embedding) for each id (repeats allowed, summed per id); one optimizer step.
+    def compute(self, unique_ids: Tensor) -> tuple[Tensor, int]:
+        """Head forward on already unique, checked ids: (embeddings, version). One merged group."""
+        with self._lock:
+            with torch.no_grad():
+                emb = self.head(self._features[unique_ids]) if unique_ids.numel() else torch.empty(
+                    (0, self.out_dim), dtype=self.dtype)
+            self.counters["unique_ids_computed"] += unique_ids.numel()
+            self.counters["merged_computes"] += 1
+            return emb, self.version
 
-        `token` identifies the batch (GBA); the "immediate" policy applies every gradient at once
-        and only records it.
-        """
+    def backward(self, image_ids: Any, grad_embeddings: Any, token: int | None = None,
+                 worker: int = 0, wire_bytes: int | None = None) -> torch.futures.Future:
+        """d(loss)/d(embedding) for each id (repeats allowed, summed per id), handed to the policy.
+
+        `token` identifies the step (the sync policy groups the workers' pushes by it; GBA will read
+        its staleness from it); `worker` tells the pushes of one step apart. Returns a future done
+        once the push's update has been applied. `wire_bytes`: what the request weighed on the wire,
+        counted instead of the in-memory tensors when the server calls."""
         t0 = time.perf_counter()
         ids = self._ids(image_ids)
         grad = torch.as_tensor(grad_embeddings)
@@ -157,26 +182,39 @@ class ImageService:
                              f"expected ({ids.numel()}, {self.out_dim})")
         if not bool(torch.isfinite(grad).all()):
             raise ValueError("backward got non-finite gradients; the head is left unchanged")
-        if ids.numel():
-            unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-            summed = torch.zeros((unique.numel(), self.out_dim), dtype=self.dtype)
-            summed.index_add_(0, inverse, grad.to(self.dtype))
+        unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        summed = torch.zeros((unique.numel(), self.out_dim), dtype=self.dtype)
+        summed.index_add_(0, inverse, grad.to(self.dtype))
+        push = Push(unique, summed, token, worker)
         with self._lock:
-            if ids.numel():
-                with torch.enable_grad():
-                    self.optimizer.zero_grad(set_to_none=True)
-                    out = self.head(self._features[unique])
-                    out.backward(summed)
-                    self.optimizer.step()
-                self.version += 1
-            self.last_token = token
             c = self.counters
             c["requests"] += 1
             c["backward_requests"] += 1
             c["backward_ids"] += ids.numel()
-            c["backward_unique_ids"] += unique.numel() if ids.numel() else 0
-            c["bytes_in"] += ids.nbytes + grad.nbytes
+            c["bytes_in"] += ids.nbytes + grad.nbytes if wire_bytes is None else wire_bytes
+            self.last_token = token
+            if ids.numel():
+                updates = self.policy.add(push)
+            else:
+                updates = []
+                push.done.set_result(self.version)
+            for update in updates:
+                self._apply(update)
             c["backward_seconds"] += time.perf_counter() - t0
+        return push.done
+
+    def _apply(self, update: Update) -> None:
+        """One optimizer step of the head from an update's per-id gradients (lock held)."""
+        with torch.enable_grad():
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.head(self._features[update.ids])
+            out.backward(update.grads)
+            self.optimizer.step()
+        self.version += 1
+        self.counters["backward_unique_ids"] += update.ids.numel()
+        self.counters["updates"] = self.counters.get("updates", 0) + 1
+        for p in update.pushes:
+            p.done.set_result(self.version)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -115,3 +115,15 @@ dir = "images"
 def raw_source(tmp_path):
     df = make_raw(tmp_path / "raw")
     return tmp_path / "raw", df
+
+
+@pytest.fixture(scope="session")
+def world_dataset(tmp_path_factory, dask_address):
+    from pipeline.build import PipelineConfig, run_pipeline
+    from pipeline.synth.world import WorldConfig, generate
+
+    root = tmp_path_factory.mktemp("train-world")
+    generate(WorldConfig(users=300, items=150, days=5, seed=5), root / "raw", progress=False)
+    run_pipeline(PipelineConfig(raw=str(root / "raw"), out=str(root / "ds"), scheduler=dask_address,
+                                progress=False, max_behaviors=20, track=False))
+    return root / "ds"

@@ -19,18 +19,6 @@ from trainer.train import TrainConfig, train
 from vitrine.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def world_dataset(tmp_path_factory, dask_address):
-    from pipeline.build import PipelineConfig, run_pipeline
-    from pipeline.synth.world import WorldConfig, generate
-
-    root = tmp_path_factory.mktemp("train-world")
-    generate(WorldConfig(users=300, items=150, days=5, seed=5), root / "raw", progress=False)
-    run_pipeline(PipelineConfig(raw=str(root / "raw"), out=str(root / "ds"), scheduler=dask_address,
-                                progress=False, max_behaviors=20, track=False))
-    return root / "ds"
-
-
 def _cfg(ds: Path, run_dir: Path, **kw) -> TrainConfig:
     base = dict(dataset=str(ds), run_dir=str(run_dir), batch_size=128, epochs=2, progress=False,
                 track=False, threads=1, checkpoint_every=5, eval_batch_size=2048)

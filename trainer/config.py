@@ -31,6 +31,11 @@ class TrainConfig:
     mlp: tuple[int, ...] = field(default=(200, 80), metadata=_h("hidden sizes of the final MLP"))
     trunk: str = field(default="resnet18", metadata=_h("frozen CNN trunk of the descriptor", choices=("resnet18", "mobilenet_v3_small")))
     trunk_weights: str | None = field(default=None, metadata=_h("local .pth weights for the trunk (default: seeded random)"))
+    image_service: str = field(default="local", metadata=_h(
+        "where the image descriptor runs: local (in this process) | spawn (its own process, started and "
+        "stopped by this job) | HOST:PORT of a running `vitrine images serve`"))
+    dtype: str = field(default="float32", metadata=_h("dtype of the model and the descriptor head (float64 for "
+                                                      "exactness checks)", choices=("float32", "float64")))
     shuffle_buffer: int = field(default=65_536, metadata=_h("rows in the loader's shuffle buffer"))
     eval_batch_size: int = field(default=4096, metadata=_h("samples per evaluation batch"))
     id_dropout: float = field(default=0.2, metadata=_h("share of training rows whose ad item and image IDs are replaced by OOV, so the model learns to score items it has no ID for (cold start)"))
@@ -53,7 +58,7 @@ class TrainConfig:
         from image_service.descriptor import DescriptorConfig
 
         return DescriptorConfig(trunk=self.trunk, weights=self.trunk_weights, out_dim=self.image_dim, lr=self.lr,
-                                optimizer=self.optimizer, seed=self.seed)
+                                optimizer=self.optimizer, seed=self.seed, dtype=self.dtype)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "log_every", "lr_decay_steps"):
@@ -63,5 +68,9 @@ class TrainConfig:
             raise UserError(f"--lr must be a positive number (got {self.lr})")
         if not 0 <= self.id_dropout < 1:
             raise UserError(f"--id-dropout must be in [0, 1) (got {self.id_dropout})")
+        if self.image_service not in ("local", "spawn"):
+            from image_service.client import parse_address
+
+            parse_address(self.image_service)
         if not 0 < self.lr_decay <= 1:
             raise UserError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")

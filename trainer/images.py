@@ -29,6 +29,7 @@ class ImageInputs:
 
 
 def image_inputs(batch: dict[str, Tensor], service, use_ad: bool, use_hist: bool, train: bool) -> ImageInputs:
+    """`service`: an `image_service.client` client, local or remote (the same calls either way)."""
     if not (use_ad or use_hist):
         return ImageInputs(None, None, None, None)
     B = batch["label"].shape[0]
@@ -40,7 +41,7 @@ def image_inputs(batch: dict[str, Tensor], service, use_ad: bool, use_hist: bool
         L = hist.shape[1]
         mask = torch.arange(L).unsqueeze(0) < batch["hist_len"].unsqueeze(1)
         parts.append(hist[mask])
-    res = service.embed(torch.cat(parts))
+    res = service.embed(torch.cat(parts), train=train)
     leaf = res.embeddings.detach().requires_grad_(train)
     full = leaf[res.inverse]
     ad = hist_emb = None

@@ -4,6 +4,12 @@ One step: the batch's image ids go to the image service (`trainer.images`), the 
 embeddings and the returned image embeddings, Adam updates the model, and the embeddings' gradients
 go back to the service, which updates the descriptor head. Evaluation on valid after each epoch and
 on test at the end; checkpoints every `checkpoint_every` steps and at the end; one MLflow run.
+
+The image service runs in this process (`--image-service local`), as this job's child process
+(`spawn`) or elsewhere (`HOST:PORT`); the step is the same code either way (`image_service.client`).
+A checkpoint holds the service's head too, and asks a remote service to write its own, so a job
+whose service died resumes, with a restarted service, from the last checkpoint. SIGTERM (the
+dashboard's Stop) finishes the step, writes a checkpoint and ends the run.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from image_service.client import ImageServiceUnavailable, LocalClient, RemoteClient, SpawnedService
 from image_service.service import ImageService
 from pipeline.vocab import OOV
 from trainer import checkpoint, metrics
@@ -43,7 +52,7 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     """Owns the dataset, model, optimizer, image service, loaders and the run's bookkeeping."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None):
         cfg.check()
         self.cfg = cfg
         if cfg.threads:
@@ -54,8 +63,9 @@ class Trainer:
         if mcfg.features != "ids" and not self.ds.has_images:
             raise UserError(f"{self.ds.dir} has no image store; train with --features ids")
         _seed_everything(cfg.seed)
-        self.model = DICM(self.fmap, mcfg)
-        self.service = ImageService(self.ds.dir, cfg.descriptor_config()) if mcfg.features != "ids" else None
+        self.model = DICM(self.fmap, mcfg).to(getattr(torch, cfg.dtype))
+        self.spawned: SpawnedService | None = None
+        self.service = self._open_image_service(run_dir) if mcfg.features != "ids" else None
         params = self.model.parameters()
         self.opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr))
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_decay_steps, gamma=cfg.lr_decay)
@@ -71,6 +81,38 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.run_id: str | None = None
         self._id_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.stop_requested = False
+
+    def _open_image_service(self, run_dir: Path | None):
+        cfg = self.cfg
+        if cfg.image_service == "local":
+            return LocalClient(ImageService(self.ds.dir, cfg.descriptor_config()))
+        if cfg.image_service == "spawn":
+            if run_dir is None:
+                raise UserError("--image-service spawn needs the run directory (its checkpoints go there)")
+            self.spawned = SpawnedService(self.ds.dir, cfg.descriptor_config(), Path(run_dir) / "image_service",
+                                          start_timeout_s=600)
+            address = self.spawned.address
+        else:
+            address = cfg.image_service
+        try:
+            client = RemoteClient(address)
+            _check_service(client, self.ds, cfg)
+        except BaseException:
+            if self.spawned is not None:
+                self.spawned.stop()
+            raise
+        return client
+
+    def close(self) -> None:
+        """Leave the service's RPC group, and stop the service if this job started it."""
+        if isinstance(self.service, RemoteClient):
+            if self.spawned is not None and self.service._open:
+                self.service.stop_service()
+            self.service.close()
+        if self.spawned is not None:
+            self.spawned.stop()
+            self.spawned = None
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
@@ -85,6 +127,8 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         img.push_gradients(self.service, token=self.step)
+        if self.service is not None:
+            self.service.count_samples(int(batch["label"].shape[0]))
         self.step += 1
         return float(loss.detach())
 
@@ -123,6 +167,13 @@ class Trainer:
         return metrics.evaluate(pred["y"], pred["p"], pred["group"], pred["cold"], oracle_p)
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, run_dir: Path) -> None:
+        """The trainer's checkpoint, with the service's state; a remote service also writes its own."""
+        st = self.state()
+        if self.service is not None:
+            self.service.checkpoint(self.step)
+        checkpoint.save(run_dir, st)
+
     def state(self) -> dict[str, Any]:
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -151,52 +202,131 @@ def _run_dir(cfg: TrainConfig, name: str) -> Path:
     return Path(cfg.run_dir).resolve() if cfg.run_dir else paths.data_root() / "runs" / name
 
 
+def _check_service(client: RemoteClient, ds: Dataset, cfg: TrainConfig) -> None:
+    """A running service must serve this dataset's store with the model's embedding size and dtype."""
+    info = client.info()
+    n = int(ds.manifest["images"]["shape"][0])
+    problems = []
+    if client.out_dim != cfg.image_dim:
+        problems.append(f"embeddings of {client.out_dim} dims, the model wants --image-dim {cfg.image_dim}")
+    if info["dtype"] != cfg.dtype:
+        problems.append(f"dtype {info['dtype']}, the model is {cfg.dtype}")
+    if client.n_images != n:
+        problems.append(f"{client.n_images} images, the dataset {ds.dir} has {n}")
+    if problems:
+        raise UserError(f"the image service at {client.address} does not fit this job: " + "; ".join(problems))
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training job; returns the final metrics and where things went."""
     if cfg.resume:
         run_dir = Path(cfg.resume).resolve()
         st = checkpoint.load(run_dir)
         saved = st["config"]
-        # The run continues with its own settings; only the progress display may differ.
+        # The run continues with its own settings; only the progress display and where the image
+        # service is (a restarted one may listen elsewhere) may differ.
+        keep = {"progress": cfg.progress, "image_service": cfg.image_service if cfg.image_service != "local"
+                else saved.get("image_service", "local")}
         cfg = TrainConfig(**{**saved, "mlp": tuple(saved["mlp"]), "resume": str(run_dir),
-                             "run_dir": str(run_dir), "progress": cfg.progress})
+                             "run_dir": str(run_dir), **keep})
+        name = run_dir.name
     else:
         st = None
-    trainer = Trainer(cfg)
-    name = f"dicm-{cfg.features}-{cfg.aggregator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = _run_dir(cfg, name)
+        cfg.check()
+        name = f"dicm-{cfg.features}-{cfg.aggregator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = _run_dir(cfg, name)
+        if (run_dir / checkpoint.NAME).exists():
+            raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir)
+    try:
+        return _train(trainer, cfg, st, run_dir, name)
+    finally:
+        trainer.close()
+
+
+def _train(trainer: Trainer, cfg: TrainConfig, st: dict[str, Any] | None, run_dir: Path, name: str) -> dict[str, Any]:
     if st is not None:
         trainer.load_state(st)
-    elif (run_dir / checkpoint.NAME).exists():
-        raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
     logger = None
     if cfg.track:
         from trainer.tracking import RunLogger
 
-        logger = RunLogger(trainer.run_id, cfg, run_name=name,
-                           tags={"vitrine.dataset": str(trainer.ds.dir), "vitrine.mode": cfg.mode,
-                                 "vitrine.run_dir": str(run_dir)})
+        tags = {"vitrine.dataset": str(trainer.ds.dir), "vitrine.mode": cfg.mode, "vitrine.run_dir": str(run_dir),
+                "vitrine.image_service": cfg.image_service}
+        if os.environ.get("VITRINE_JOB_ID"):
+            tags["vitrine.job_id"] = os.environ["VITRINE_JOB_ID"]
+        logger = RunLogger(trainer.run_id, cfg, run_name=name, tags=tags)
         trainer.run_id = logger.run_id
         logger.log_dict(asdict(cfg), "config.json")
+        if isinstance(trainer.service, RemoteClient):
+            logger.log_dict({"address": trainer.service.address, **trainer.service.info()}, "image_service.json")
+    if st is None:
+        trainer.save_checkpoint(run_dir)  # step 0: a job whose image service dies early can still --resume
+    restore = _stop_on_sigterm(trainer)
     try:
         result = _fit(trainer, run_dir, logger)
     except KeyboardInterrupt:
-        checkpoint.save(run_dir, trainer.state())
+        _save_if_service_alive(trainer, run_dir)
         if logger is not None:
             logger.close("KILLED")
         raise
+    except ImageServiceUnavailable as exc:
+        last = checkpoint.load(run_dir)["step"]
+        how = ("it starts a new service, which resumes from its own checkpoint" if cfg.image_service == "spawn"
+               else "after restarting the service; it resumes from its own checkpoint")
+        if logger is not None:
+            logger.set_tag("vitrine.error", str(exc)[:4000])
+            logger.close("FAILED")
+        raise UserError(f"{exc}\nTraining stopped at step {trainer.step}. The last checkpoint (step {last}, "
+                        f"model and descriptor together) is in {run_dir}: continue with "
+                        f"`vitrine train --resume {run_dir}` ({how}).") from None
     except BaseException:
         if logger is not None:
             logger.close("FAILED")
         raise
+    finally:
+        restore()
+    if trainer.service is not None:
+        result["ams"] = _ams_summary(trainer)
+        if logger is not None:
+            logger.log_metrics({f"final_{k}": v for k, v in result["ams"].items()}, step=trainer.step)
     if logger is not None:
-        _log_model(trainer, logger)
-        logger.close("FINISHED")
+        if not result.get("stopped"):
+            _log_model(trainer, logger)
+        logger.close("KILLED" if result.get("stopped") else "FINISHED")
     result.update(run_dir=str(run_dir), run_id=trainer.run_id)
     return result
+
+
+def _ams_summary(trainer: Trainer) -> dict[str, float]:
+    """The client's traffic figures plus the service's own dedup (which also merges concurrent workers)."""
+    out = trainer.service.meter.summary()
+    c = trainer.service.counters
+    out["service_dedup_ratio"] = c["ids_requested"] / max(c["unique_ids_computed"], 1)
+    out["service_updates"] = float(c.get("updates", 0))
+    return out
+
+
+def _save_if_service_alive(trainer: Trainer, run_dir: Path) -> None:
+    try:
+        trainer.save_checkpoint(run_dir)
+    except ImageServiceUnavailable:
+        pass  # the last complete checkpoint stays
+
+
+def _stop_on_sigterm(trainer: Trainer):
+    """SIGTERM asks for a clean stop after the current step; returns a function that undoes this."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
@@ -222,17 +352,28 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
                 sps = window_n / max(now - window_t, 1e-9)
                 window_t, window_n = now, 0
                 if logger is not None:
-                    logger.log_metrics({"loss": loss, "samples_per_s": sps, "lr": trainer.sched.get_last_lr()[0]},
-                                       step=trainer.step)
+                    m = {"loss": loss, "samples_per_s": sps, "lr": trainer.sched.get_last_lr()[0]}
+                    if trainer.service is not None:
+                        m.update(trainer.service.meter.summary())
+                    logger.log_metrics(m, step=trainer.step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:,.0f}")
             if bar is not None:
                 bar.update(1)
             if trainer.step % cfg.checkpoint_every == 0:
-                checkpoint.save(run_dir, trainer.state())
+                trainer.save_checkpoint(run_dir)
             if trainer.step >= total:
                 done = True
                 break
+            if trainer.stop_requested:
+                break
+        if trainer.stop_requested and not done:
+            trainer.save_checkpoint(run_dir)
+            if bar is not None:
+                bar.close()
+            print(f"stopped at step {trainer.step} on request; checkpoint in {run_dir} "
+                  f"(continue with `vitrine train --resume {run_dir}`)", flush=True)
+            return {"steps": trainer.step, "stopped": True}
         if not done or trainer.batch_in_epoch >= steps_per_epoch:
             # A finished epoch: evaluate on valid, move on.
             trainer.epoch += 1
@@ -242,7 +383,7 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
                 trainer.history.append({"epoch": trainer.epoch, "step": trainer.step, **{f"valid_{k}": v for k, v in m.items()}})
                 if logger is not None:
                     logger.log_metrics({f"valid_{k}": v for k, v in m.items() if _finite(v)}, step=trainer.step)
-            checkpoint.save(run_dir, trainer.state())
+            trainer.save_checkpoint(run_dir)
     if bar is not None:
         bar.close()
     final: dict[str, Any] = {"steps": trainer.step}
@@ -253,7 +394,7 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
             logger.log_metrics({f"test_{k}": v for k, v in m.items() if _finite(v)}, step=trainer.step)
     if trainer.history:
         final.update({k: v for k, v in trainer.history[-1].items() if k.startswith("valid_")})
-    checkpoint.save(run_dir, trainer.state())
+    trainer.save_checkpoint(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
     return final
 

@@ -13,6 +13,7 @@ from vitrine.errors import UserError
 # set `func` to the callable that runs them.
 _PARTS = [
     "pipeline.cli",
+    "image_service.cli",
     "trainer.cli",
     "vitrine.demo",
 ]

@@ -96,3 +96,29 @@ def as_params(obj: Any, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)
     return out
+
+
+def to_argv(obj: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """Command-line arguments that `add_dataclass_args` + `from_args` turn back into `obj`.
+
+    For starting a child process with the same settings as an argument list (never a shell string).
+    Fields left at None are omitted (their default is None too)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(obj):
+        if f.name in skip or not f.init:
+            continue
+        v = getattr(obj, f.name)
+        if v is None:
+            continue
+        flag = _flag(f.name)
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + flag[2:])
+        elif isinstance(v, (list, tuple)):
+            if f.metadata.get("action") == "append":
+                for item in v:
+                    argv += [flag, str(item)]
+            else:
+                argv += [flag, *map(str, v)]
+        else:
+            argv += [flag, str(v)]
+    return argv

@@ -1,0 +1,404 @@
+"""The worker's handle on the image service: in-process (`LocalClient`) or over RPC (`RemoteClient`).
+
+Both do the same on the worker's side: deduplicate the batch's image ids, send the unique ids as
+int32, get back one embedding per unique id, rebuild the batch's order locally, and send back one
+gradient row per unique id. So the wire carries, per unique image and step, 4 + 4*d bytes each way
+(d = the embedding size), whatever the number of times the image appears in the batch. Both count
+that traffic in a `TrafficMeter`, beside what a plain parameter server would have moved for the same
+batches: the unique images' raw pixels, or their trunk features (float32), pulled by the worker.
+
+`spawn_service` starts `vitrine images serve` as a child process on a free port and waits until it
+answers; `connect(address)` joins a running service's RPC group.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from image_service.descriptor import DescriptorConfig, build_head
+from image_service.service import EmbedResult, ImageService
+from vitrine.errors import UserError
+
+ID_WIRE_DTYPE = torch.int32
+
+
+class ImageServiceUnavailable(UserError, ConnectionError):
+    """The remote image service does not answer (not started, died, or unreachable)."""
+
+
+@dataclass
+class TrafficMeter:
+    """Training traffic between this worker and the image service (evaluation is not counted)."""
+
+    steps: int = 0
+    samples: int = 0
+    embed_calls: int = 0
+    backward_calls: int = 0
+    occurrences: int = 0  # image ids in the batches, repeats included
+    unique: int = 0  # unique ids per batch, summed over batches
+    bytes_sent: int = 0  # worker -> service: ids, gradients
+    bytes_received: int = 0  # service -> worker: embeddings
+    plain_pixel_bytes: int = 0  # a plain PS: the unique images' pixels pulled per batch
+    plain_trunk_bytes: int = 0  # a plain PS: the unique images' trunk features (float32) per batch
+    embed_s: float = 0.0
+    backward_s: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        """The per-sample and per-image figures that go to MLflow."""
+        s = max(self.samples, 1)
+        ams = self.bytes_sent + self.bytes_received
+        return {
+            "ams_bytes_per_sample": ams / s,
+            "ams_bytes_per_unique_image": ams / max(self.unique, 1),
+            "ams_dedup_ratio": self.occurrences / max(self.unique, 1),
+            "plain_pixels_bytes_per_sample": self.plain_pixel_bytes / s,
+            "plain_trunk_bytes_per_sample": self.plain_trunk_bytes / s,
+            "ams_bytes_saved_per_sample": (self.plain_trunk_bytes - ams) / s,
+            "ams_embed_ms": 1000 * self.embed_s / max(self.embed_calls, 1),
+            "ams_backward_ms": 1000 * self.backward_s / max(self.backward_calls, 1),
+        }
+
+
+def _dedup(image_ids: Any) -> tuple[Tensor, Tensor, int]:
+    ids = torch.as_tensor(np.asarray(image_ids) if not isinstance(image_ids, Tensor) else image_ids)
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"image ids must be integers, got dtype {ids.dtype}")
+    ids = ids.reshape(-1).to(torch.int64)
+    unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    return unique, inverse, int(ids.numel())
+
+
+class _Client:
+    """The part both clients share: dedup, metering, the API the trainer calls."""
+
+    n_images: int
+    out_dim: int
+    trunk_dim: int
+    pixel_bytes: int
+    descriptor: DescriptorConfig
+
+    def __init__(self) -> None:
+        self.meter = TrafficMeter()
+
+    # the transport: unique int32 ids in, (U, d) embeddings + version out; and the push
+    def _embed_unique(self, ids: Tensor, occurrences: int) -> tuple[Tensor, int]:
+        raise NotImplementedError
+
+    def _push(self, ids: Tensor, grads: Tensor, token: int | None) -> int:
+        raise NotImplementedError
+
+    def embed(self, image_ids: Any, train: bool = True) -> EmbedResult:
+        unique, inverse, n = _dedup(image_ids)
+        wire = unique.to(ID_WIRE_DTYPE)
+        t0 = time.perf_counter()
+        emb, version = self._embed_unique(wire, n)
+        if train:
+            m = self.meter
+            m.embed_s += time.perf_counter() - t0
+            m.embed_calls += 1
+            m.occurrences += n
+            m.unique += unique.numel()
+            m.bytes_sent += wire.nbytes
+            m.bytes_received += emb.nbytes
+            m.plain_pixel_bytes += unique.numel() * self.pixel_bytes
+            m.plain_trunk_bytes += unique.numel() * self.trunk_dim * 4
+        return EmbedResult(emb, inverse, unique, version)
+
+    def backward(self, unique_ids: Tensor, grads: Tensor, token: int | None = None) -> int:
+        """Push d(loss)/d(embedding) for `unique_ids` (as returned by `embed`); returns the version
+        of the head after the step that used it."""
+        unique, inverse, n = _dedup(unique_ids)
+        if n != unique.numel():  # repeats: sum them here, the wire carries one row per image
+            summed = torch.zeros((unique.numel(), grads.shape[1]), dtype=grads.dtype)
+            grads = summed.index_add_(0, inverse, grads)
+        wire = unique.to(ID_WIRE_DTYPE)
+        grads = grads.detach().contiguous()
+        t0 = time.perf_counter()
+        version = self._push(wire, grads, token)
+        m = self.meter
+        m.backward_s += time.perf_counter() - t0
+        m.backward_calls += 1
+        m.bytes_sent += wire.nbytes + grads.nbytes
+        return version
+
+    def count_samples(self, n: int) -> None:
+        self.meter.samples += n
+        self.meter.steps += 1
+
+    def head_module(self) -> nn.Module:
+        """A copy of the descriptor head with the service's current weights (to export the model)."""
+        head = build_head(self.trunk_dim, self.descriptor)
+        head.load_state_dict(self.state_dict()["head"])
+        return head
+
+    def close(self) -> None:
+        pass
+
+
+class LocalClient(_Client):
+    """The service in this process (tests, small runs): same protocol, no network."""
+
+    def __init__(self, service: ImageService):
+        super().__init__()
+        self.service = service
+        self.n_images, self.out_dim = service.n_images, service.out_dim
+        self.trunk_dim = int(service._features.shape[1])
+        self.pixel_bytes = service.pixel_bytes
+        self.descriptor = service.cfg
+        self.address = "local"
+
+    def _embed_unique(self, ids: Tensor, occurrences: int) -> tuple[Tensor, int]:
+        res = self.service.embed(ids, occurrences=occurrences)
+        return res.embeddings, res.version
+
+    def _push(self, ids: Tensor, grads: Tensor, token: int | None) -> int:
+        return self.service.backward(ids, grads, token=token).wait()
+
+    @property
+    def counters(self) -> dict[str, float]:
+        return dict(self.service.counters)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.service.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.service.load_state_dict(state)
+
+    def checkpoint(self, step: int) -> int:
+        return self.service.version  # the trainer's checkpoint holds the state
+
+    def head_module(self) -> nn.Module:
+        return self.service.head_module()
+
+    def trunk_features(self, ids: Any) -> Tensor:
+        return self.service.trunk_features(ids)
+
+
+# -- remote -------------------------------------------------------------------------------------------
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"image service address {address!r} is not HOST:PORT (e.g. 127.0.0.1:29400)")
+    return host, int(port)
+
+
+_AGENT: dict[str, Any] = {}  # this process's RPC agent: one per process
+
+
+def _join(host: str, port: int, prefix: str, timeout_s: float) -> str:
+    import torch.distributed as dist
+    import torch.distributed.rpc as rpc
+
+    from image_service.server import RANK_KEY
+
+    if _AGENT:
+        if _AGENT["address"] != (host, port):
+            raise UserError(f"this process already talks to the image service at {_AGENT['address']}")
+        _AGENT["users"] += 1
+        return _AGENT["name"]
+    try:
+        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
+        rank = int(store.add(RANK_KEY, 1))
+    except Exception as exc:
+        raise ImageServiceUnavailable(
+            f"no image service answers at {host}:{port} ({str(exc).splitlines()[0]}); start one with "
+            f"`vitrine images serve --dataset DIR --port {port}` or train with --image-service spawn") from None
+    name = f"{prefix}{rank}"
+    rpc.init_rpc(name, rank=rank, world_size=None, rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
+        init_method=f"tcp://{host}:{port}", rpc_timeout=timeout_s, _transports=["uv"]))
+    _AGENT.update(address=(host, port), name=name, rank=rank, users=1)
+    return name
+
+
+def _leave(graceful: bool) -> None:
+    import torch.distributed.rpc as rpc
+
+    if not _AGENT:
+        return
+    _AGENT["users"] -= 1
+    if _AGENT["users"] > 0:
+        return
+    _AGENT.clear()
+    try:
+        rpc.shutdown(graceful=graceful)
+    except Exception:
+        if graceful:  # the service went away first: leave without the group's handshake
+            try:
+                rpc.shutdown(graceful=False)
+            except Exception:
+                pass
+
+
+def _refusal_types() -> dict[str, type[Exception]]:
+    from image_service.server import RequestTooLarge
+    from image_service.service import UnknownImageIds
+
+    return {"UnknownImageIds": UnknownImageIds, "RequestTooLarge": RequestTooLarge, "ValueError": ValueError,
+            "TypeError": TypeError, "UserError": UserError}
+
+
+_REFUSALS = _refusal_types()
+
+
+class RemoteClient(_Client):
+    """A running service over torch.distributed.rpc."""
+
+    def __init__(self, address: str, timeout_s: float = 120.0, name_prefix: str = "trainer"):
+        super().__init__()
+        self.address = address
+        host, port = parse_address(address)
+        self.name = _join(host, port, name_prefix, timeout_s)
+        self.rank = _AGENT["rank"]
+        self._open = True
+        info = self.info()
+        self.n_images, self.out_dim = int(info["n_images"]), int(info["out_dim"])
+        self.trunk_dim, self.pixel_bytes = int(info["trunk_dim"]), int(info["pixel_bytes"])
+        self.descriptor = descriptor_from_info(info)
+
+    def _call(self, fn, *args):
+        import torch.distributed.rpc as rpc
+
+        from image_service.server import SERVICE_NAME
+
+        try:
+            out = rpc.rpc_sync(SERVICE_NAME, fn, args=args)
+        except Exception as exc:
+            if "On WorkerInfo" in str(exc):  # raised by the service's code: it is alive
+                raise RuntimeError(f"the image service at {self.address} failed: {exc}") from None
+            self._open = False
+            raise ImageServiceUnavailable(
+                f"the image service at {self.address} stopped answering ({str(exc).splitlines()[0]}). "
+                f"Restart it (`vitrine images serve ...` resumes from its own checkpoint) and continue the "
+                f"job with `vitrine train --resume RUN_DIR`") from None
+        if isinstance(out, dict) and "__refused__" in out:
+            raise _REFUSALS.get(out["__refused__"], UserError)(out["message"])
+        return out
+
+    def info(self) -> dict[str, Any]:
+        from image_service import server
+
+        return self._call(server.rpc_info)
+
+    @property
+    def counters(self) -> dict[str, float]:
+        from image_service import server
+
+        return self._call(server.rpc_counters)
+
+    def _embed_unique(self, ids: Tensor, occurrences: int) -> tuple[Tensor, int]:
+        from image_service import server
+
+        return self._call(server.rpc_embed, ids, occurrences)
+
+    def _push(self, ids: Tensor, grads: Tensor, token: int | None) -> int:
+        from image_service import server
+
+        return self._call(server.rpc_backward, ids, grads, token, self.rank)
+
+    def state_dict(self) -> dict[str, Any]:
+        from image_service import server
+
+        return self._call(server.rpc_state_dict)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from image_service import server
+
+        self._call(server.rpc_load_state_dict, state)
+
+    def checkpoint(self, step: int) -> int:
+        from image_service import server
+
+        return self._call(server.rpc_checkpoint, step)
+
+    def trunk_features(self, ids: Any) -> Tensor:
+        from image_service import server
+
+        return self._call(server.rpc_trunk_features, torch.as_tensor(np.asarray(ids), dtype=torch.int64))
+
+    def stop_service(self) -> None:
+        from image_service import server
+
+        try:
+            self._call(server.rpc_stop)
+        except ImageServiceUnavailable:
+            pass
+
+    def close(self) -> None:
+        if self._open is None:
+            return
+        _leave(graceful=bool(self._open))
+        self._open = None
+
+
+# -- starting a service for one job --------------------------------------------------------------------
+class SpawnedService:
+    """`vitrine images serve` as this job's child process; `address` once it answers."""
+
+    def __init__(self, dataset: str | Path, descriptor: DescriptorConfig, state_dir: Path,
+                 start_timeout_s: float = 600.0, **serve_options: Any):
+        """`serve_options`: `image_service.server.ServeConfig` fields (policy, workers, ...)."""
+        from image_service.server import ServeConfig
+        from vitrine.config import to_argv
+
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.ready = state_dir / "ready.json"
+        self.ready.unlink(missing_ok=True)
+        self.log_path = state_dir / "service.log"
+        serve = ServeConfig(**{"port": 0, **serve_options, "dataset": str(dataset), "state_dir": str(state_dir),
+                               "ready_file": str(self.ready)})
+        argv = [sys.executable, "-m", "vitrine", "images", "serve", *to_argv(serve), *to_argv(descriptor)]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if self.ready.exists():
+                try:
+                    self.address = json.loads(self.ready.read_text())["address"]
+                    break
+                except (ValueError, KeyError):
+                    pass
+            if self.proc.poll() is not None:
+                raise UserError(f"the image service exited with code {self.proc.returncode} before it answered; "
+                                f"its log {self.log_path} ends with:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise UserError(f"the image service did not answer within {start_timeout_s:.0f} s; see {self.log_path}")
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def descriptor_from_info(info: dict[str, Any]) -> DescriptorConfig:
+    d = info["descriptor"]
+    return DescriptorConfig(**{k: (tuple(v) if k == "head" else v) for k, v in d.items()
+                               if k in {f.name for f in fields(DescriptorConfig)}})
