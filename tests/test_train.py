@@ -85,6 +85,14 @@ def test_mlflow_run_holds_params_metrics_config_and_a_working_model(world_datase
     loss = client.get_metric_history(run.info.run_id, "loss")
     assert len(loss) >= r["steps"] // 2 and [m.step for m in loss] == sorted(m.step for m in loss)
     assert client.get_metric_history(run.info.run_id, "samples_per_s")
+    # The image traffic, as AMS moved it and as a plain PS would have: per unique image, an int32 id
+    # and a 12-d float32 row each way; the pixels and trunk features are hundreds of times more.
+    m = run.data.metrics
+    assert m["final_ams_bytes_per_unique_image"] == pytest.approx(2 * (4 + 12 * 4))
+    assert m["final_ams_dedup_ratio"] > 1.5
+    assert m["final_plain_trunk_bytes_per_sample"] > 50 * m["final_ams_bytes_per_sample"] > 0
+    assert m["final_plain_pixels_bytes_per_sample"] > m["final_plain_trunk_bytes_per_sample"]
+    assert client.get_metric_history(run.info.run_id, "ams_bytes_per_sample")
     for key in ("valid_auc", "test_auc", "test_gauc", "test_logloss", "test_cold_auc", "test_oracle_auc"):
         assert run.data.metrics[key] == pytest.approx(r[key]), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

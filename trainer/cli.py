@@ -35,6 +35,17 @@ def summarize(r: dict) -> str:
         f"oracle    AUC {f('test_oracle_auc')} (the best any model can do on this test split)",
         f"steps     {r.get('steps')}; checkpoints in {r.get('run_dir')}",
     ]
+    ams = r.get("ams")
+    if ams:
+        lines.append(
+            f"images    AMS moved {ams['ams_bytes_per_sample']:,.0f} B/sample ({ams['ams_bytes_per_unique_image']:.0f} B "
+            f"per unique image, {ams['ams_dedup_ratio']:.2f} image occurrences per unique image); a plain PS would "
+            f"move {ams['plain_trunk_bytes_per_sample']:,.0f} B/sample of trunk features "
+            f"({ams['plain_trunk_bytes_per_sample'] / max(ams['ams_bytes_per_sample'], 1e-9):,.0f}x) or "
+            f"{ams['plain_pixels_bytes_per_sample']:,.0f} B/sample of pixels "
+            f"({ams['plain_pixels_bytes_per_sample'] / max(ams['ams_bytes_per_sample'], 1e-9):,.0f}x)")
+    if r.get("stopped"):
+        lines.append(f"stopped   on request at step {r.get('steps')}; continue with --resume {r.get('run_dir')}")
     if r.get("run_id"):
         lines.append(f"mlflow    run {r['run_id']} in experiment vitrine-train")
     return "\n".join(lines)

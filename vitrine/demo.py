@@ -42,11 +42,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"== 2. Dask pipeline -> {out}")
     manifest = run_pipeline(PipelineConfig(raw=str(raw), out=str(out), workers=args.workers, overwrite=True))
     print(summarize(manifest))
-    print(f"== 3. DICM training (single process, in-process image service) on {out}")
+    print(f"== 3. DICM training on {out}, the image descriptor in its own process (AMS image service)")
     from trainer.cli import summarize as train_summary
     from trainer.train import TrainConfig, train
 
-    result = train(TrainConfig(dataset=str(out), epochs=args.epochs, seed=args.seed))
+    result = train(TrainConfig(dataset=str(out), epochs=args.epochs, seed=args.seed, image_service="spawn"))
     print(train_summary(result))
     print()
     print("Where to look:")
