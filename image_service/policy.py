@@ -9,6 +9,10 @@ trainer adds GBA through the same `add` hook:
   summed per image and divided by `n`. Each worker's gradient is d(mean loss over its local batch);
   the mean over the global batch of n equal local batches is their average, so a `Sync(n)` step
   equals the step a single process would take on the concatenated global batch.
+- `GBA(cfg)`: any `n` pushes that still count make one step (`vitrine.gba`): the token is the global
+  step its batch was issued at (the parameter server issues and checks the tokens themselves), a push
+  staler than the threshold is decayed or dropped, and the rows are summed with their weights and
+  divided by `n`. Pushes do not wait for the step (non-blocking workers).
 
 A push carries a future that completes once the step containing it has been applied, so a worker
 that waits on it (synchronous training) reads the new head in its next `embed`.
@@ -17,9 +21,13 @@ that waits on it (synchronous training) reads the new head in its next `embed`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from vitrine.gba import GBAConfig
 
 
 @dataclass
@@ -103,9 +111,58 @@ class Sync(UpdatePolicy):
         return {"policy": self.name, "workers": self.n}
 
 
-def make_policy(name: str, workers: int = 1) -> UpdatePolicy:
+class GBA(UpdatePolicy):
+    """Global-batch aggregation over the pushes' step tokens; see `vitrine.gba` for the rules."""
+
+    name = "gba"
+
+    def __init__(self, cfg: "GBAConfig", step: int = 0):
+        from vitrine.gba import Stats
+
+        self.cfg = cfg
+        self.step = step
+        self.stats = Stats()
+        self._held: list[tuple[Push, float]] = []
+
+    def add(self, push: Push) -> list[Update]:
+        if push.token is None:
+            raise ValueError("the gba policy needs each push's token (the global step its batch was issued at)")
+        staleness = self.step - int(push.token)
+        w = self.cfg.weight(staleness)
+        if w <= self.cfg.drop_below:
+            self.stats.dropped += 1
+            push.done.set_result(-1)  # not applied, and never will be
+            return []
+        self.stats.staleness.append(staleness)
+        self.stats.decayed += w < 1.0
+        self._held.append((push, w))
+        if len(self._held) < self.cfg.n:
+            # Non-blocking: the worker goes on; the step lands when the global batch is complete.
+            push.done.set_result(-1)
+            return []
+        held, self._held = self._held, []
+        ids, grads = merge_pushes([Push(p.ids, p.grads * w if w != 1.0 else p.grads, p.token, p.worker)
+                                   for p, w in held], scale=1.0 / self.cfg.n)
+        self.stats.applied += len(held)
+        self.stats.updates += 1
+        self.step += 1
+        return [Update(ids, grads, [push])]
+
+    def pending(self) -> int:
+        return len(self._held)
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "n": self.cfg.n, "threshold": self.cfg.threshold, "decay": self.cfg.decay,
+                **self.stats.as_dict()}
+
+
+def make_policy(name: str, workers: int = 1, threshold: int = 2, decay: float = 0.5) -> UpdatePolicy:
     if name == "immediate":
         return Immediate()
     if name == "sync":
         return Sync(workers)
-    raise ValueError(f"unknown update policy {name!r}; use immediate or sync")
+    if name == "gba":
+        from vitrine.gba import GBAConfig
+
+        return GBA(GBAConfig(n=workers, threshold=threshold, decay=decay))
+    raise ValueError(f"unknown update policy {name!r}; use immediate, sync or gba")

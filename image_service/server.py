@@ -61,9 +61,11 @@ class ServeConfig:
     state_dir: str | None = field(default=None, metadata=_h(
         "where the service keeps its checkpoint (default data/image_service/<dataset name>)"))
     policy: str = field(default="immediate", metadata=_h("update policy of the descriptor head",
-                                                         choices=("immediate", "sync")))
+                                                         choices=("immediate", "sync", "gba")))
     workers: int = field(default=1, metadata=_h("workers per step: the sync policy waits for this many pushes, "
                                                 "and the merger closes a group once this many requests wait"))
+    gba_threshold: int = field(default=2, metadata=_h("gba policy: staleness (steps) with full weight"))
+    gba_decay: float = field(default=0.5, metadata=_h("gba policy: weight factor per step beyond the threshold"))
     merge_window_ms: float = field(default=2.0, metadata=_h(
         "how long the first embed request of a group waits for others to merge with"))
     max_request_ids: int = field(default=1_000_000, metadata=_h("largest number of ids one request may carry"))
@@ -89,7 +91,8 @@ class _Server:
 
     def __init__(self, cfg: ServeConfig, dcfg: DescriptorConfig):
         self.cfg = cfg
-        self.service = ImageService(cfg.dataset, dcfg, policy=make_policy(cfg.policy, cfg.workers))
+        self.service = ImageService(cfg.dataset, dcfg, policy=make_policy(cfg.policy, cfg.workers, cfg.gba_threshold,
+                                                                               cfg.gba_decay))
         self.merger = EmbedMerger(self._compute, window_s=cfg.merge_window_ms / 1000, expect=cfg.workers)
         self.state_dir = Path(cfg.state_dir) if cfg.state_dir else None
         self.checkpoint_step: int | None = None

@@ -1,0 +1,150 @@
+"""Global Batch gradients Aggregation (GBA paper), the rules shared by the parameter server and the
+image service.
+
+Tokens: a worker takes a token with each batch; the token is stamped with the global step at which
+it was issued. The worker pushes its gradient with the token and does not wait. The server applies
+an update once it holds gradients worth one global batch: exactly N = global batch / local batch
+gradients that still count. Staleness of a gradient = the global step when it arrives - its token's
+step. Weight 1 while staleness <= `threshold`; beyond, `decay ** (staleness - threshold)`; a weight
+below `drop_below` (0 by default, i.e. only an exact 0 when decay is 0) drops the gradient, which
+then does not count towards N (decay 0 gives TensorFlow's SyncReplicasOptimizer). Dense gradients
+are summed with their weights and divided by N; sparse rows likewise per row, divided by N (not by
+the row's occurrences): with nothing stale a GBA update equals one synchronous step on the
+concatenated global batch.
+
+A token is used at most once: a second push with the same token is refused. A worker that dies
+while holding a token simply never pushes it; nothing waits for a particular token, so training
+goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Generic, Sequence, TypeVar
+
+G = TypeVar("G")
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    step: int  # the global step when it was issued
+
+
+@dataclass
+class GBAConfig:
+    n: int  # gradients per update: global batch / local batch
+    threshold: int = 2  # staleness (in global steps) with full weight
+    decay: float = 0.5  # weight multiplier per step of staleness beyond the threshold
+    drop_below: float = 0.0  # weights at or below this drop the gradient
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"GBA needs N >= 1 gradients per update (got {self.n})")
+        if self.threshold < 0:
+            raise ValueError(f"GBA staleness threshold must be >= 0 (got {self.threshold})")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"GBA decay must be in [0, 1] (got {self.decay})")
+
+    def weight(self, staleness: int) -> float:
+        if staleness <= self.threshold:
+            return 1.0
+        return self.decay ** (staleness - self.threshold)
+
+
+@dataclass
+class Contribution(Generic[G]):
+    token: Token
+    gradient: G
+    weight: float
+    staleness: int
+    worker: int = 0
+
+
+@dataclass
+class Stats:
+    issued: int = 0
+    applied: int = 0  # gradients that went into an update
+    decayed: int = 0  # of those, with weight < 1
+    dropped: int = 0  # weight at or below drop_below: not counted
+    updates: int = 0
+    staleness: list[int] = field(default_factory=list)  # of every accepted gradient (for percentiles)
+
+    def as_dict(self) -> dict[str, float]:
+        import numpy as np
+
+        out = {"tokens_issued": self.issued, "tokens_applied": self.applied, "tokens_decayed": self.decayed,
+               "tokens_dropped": self.dropped, "gba_updates": self.updates}
+        if self.staleness:
+            p = np.percentile(self.staleness, [50, 90, 99])
+            out.update(staleness_p50=float(p[0]), staleness_p90=float(p[1]), staleness_p99=float(p[2]))
+        return out
+
+
+class GBAState(Generic[G]):
+    """Token book and aggregation buffer. Thread-safe; the caller combines and applies the updates.
+
+    `push` returns the list of contributions of a complete global batch when this push completes one
+    (exactly N of them, each with its weight), else None; the caller then applies
+    sum(weight * gradient) / N and the global step advances by one.
+    """
+
+    def __init__(self, cfg: GBAConfig, step: int = 0):
+        self.cfg = cfg
+        self.step = step
+        self.stats = Stats()
+        self._ids = itertools.count()
+        self._outstanding: dict[int, Token] = {}
+        self._buffer: list[Contribution[G]] = []
+        self._lock = threading.Lock()
+
+    def issue(self) -> Token:
+        with self._lock:
+            tok = Token(next(self._ids), self.step)
+            self._outstanding[tok.id] = tok
+            self.stats.issued += 1
+            return tok
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._outstanding)
+
+    def push(self, token: Token, gradient: G, worker: int = 0) -> list[Contribution[G]] | None:
+        with self._lock:
+            held = self._outstanding.pop(token.id, None)
+            if held is None:
+                raise ValueError(f"token {token.id} (step {token.step}) was never issued or was already used; "
+                                 f"each token carries one gradient")
+            if held != token:
+                raise ValueError(f"token {token.id} does not match the one issued ({held})")
+            staleness = self.step - token.step
+            w = self.cfg.weight(staleness)
+            if w <= self.cfg.drop_below:
+                self.stats.dropped += 1
+                return None
+            self.stats.staleness.append(staleness)
+            if w < 1.0:
+                self.stats.decayed += 1
+            self._buffer.append(Contribution(token, gradient, w, staleness, worker))
+            if len(self._buffer) < self.cfg.n:
+                return None
+            batch, self._buffer = self._buffer, []
+            self.stats.applied += len(batch)
+            self.stats.updates += 1
+            self.step += 1
+            return batch
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._buffer)
+
+
+def weighted_mean(contributions: Sequence[Contribution], n: int):
+    """sum(weight * gradient) / n for tensor gradients (dense)."""
+    total = None
+    for c in contributions:
+        g = c.gradient * c.weight if c.weight != 1.0 else c.gradient
+        total = g.clone() if total is None else total.add_(g)
+    return total / n
