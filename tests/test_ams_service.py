@@ -166,22 +166,22 @@ def test_service_death_stops_the_job_which_resumes_exactly(world_dataset, tmp_pa
     deadline = time.monotonic() + 120
     while not (state / "checkpoint.pt").exists() or torch.load(state / "checkpoint.pt")["step"] < 6:
         assert trainer.poll() is None, trainer.communicate()
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, "the trainer made no progress"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     out, err = trainer.communicate(timeout=120)
-    assert trainer.returncode == 2, err
-    assert "stopped answering" in err and f"--resume {run}" in err and "Traceback" not in err
+    assert trainer.returncode == 2, (out, err)
+    assert "stopped answering" in err and f"--resume {run}" in err and "Traceback" not in err, err
     saved = torch.load(run / "checkpoint.pt", weights_only=False)
     assert 6 <= saved["step"] < 30
 
     proc, address = _serve(world_dataset, state, tmp_path / "svc.log")
     try:
-        assert "resumed from" in (tmp_path / "svc.log").read_text()
+        assert "resumed from" in (tmp_path / "svc.log").read_text(), (tmp_path / "svc.log").read_text()
         done = subprocess.run([sys.executable, "-m", "vitrine", "train", "--resume", str(run), "--image-service",
                                address, "--no-progress"], env=ENV, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0, (done.stdout, done.stderr)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -189,7 +189,7 @@ def test_service_death_stops_the_job_which_resumes_exactly(world_dataset, tmp_pa
 
     ref = train(_cfg(world_dataset, max_steps=30, run_dir=str(tmp_path / "ref")))
     straight = torch.load(Path(ref["run_dir"]) / "checkpoint.pt", weights_only=False)
-    assert resumed["step"] == straight["step"] == 30
+    assert resumed["step"] == straight["step"] == 30, (saved["step"], resumed["step"], straight["step"])
     _assert_close(resumed["model"], straight["model"])
     _assert_close(resumed["service"]["head"], straight["service"]["head"])
 
