@@ -49,19 +49,47 @@ def test_killed_run_resumes_to_the_same_result(world_dataset, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = run_dir / "checkpoint.pt"
     deadline = time.monotonic() + 240
-    while not ckpt.exists():
+    while not ckpt.exists() or torch.load(ckpt, weights_only=False)["step"] < 5:  # step 0 is written first
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=False)["step"]
-    assert killed_at < reference["steps"], "the run finished before it could be killed"
+    assert 5 <= killed_at < reference["steps"], "the run finished before it could be killed"
 
     resumed = train(TrainConfig(resume=str(run_dir), progress=False))
     assert resumed["steps"] == reference["steps"]
     for key in ("test_auc", "test_gauc", "test_logloss", "test_cold_auc", "valid_auc"):
         assert resumed[key] == pytest.approx(reference[key], abs=1e-9), key
+
+
+def test_sigterm_stops_cleanly_after_a_checkpoint(world_dataset, tmp_path):
+    """The dashboard's Stop: SIGTERM ends the step, writes a checkpoint, ends the MLflow run as killed."""
+    from mlflow.tracking import MlflowClient
+
+    from vitrine import tracking
+
+    run_dir = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "vitrine", "train", "--dataset", str(world_dataset), "--run-dir", str(run_dir),
+           "--batch-size", "128", "--epochs", "3", "--no-progress", "--threads", "1", "--checkpoint-every", "1000",
+           "--log-every", "1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = run_dir / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists():  # the step-0 checkpoint: training has started
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # the step under way (there always is one) finishes first
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    st = torch.load(ckpt, weights_only=False)
+    assert f"stopped at step {st['step']} on request" in out and f"--resume {run_dir}" in out
+    assert 0 < st["step"] < 3 * 60
+    run = MlflowClient(tracking.tracking_uri()).get_run(st["run_id"])
+    assert run.info.status == "KILLED"
 
 
 def test_mlflow_run_holds_params_metrics_config_and_a_working_model(world_dataset, tmp_path):
