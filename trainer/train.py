@@ -262,9 +262,9 @@ def _train(trainer: Trainer, cfg: TrainConfig, st: dict[str, Any] | None, run_di
         logger.log_dict(asdict(cfg), "config.json")
         if isinstance(trainer.service, RemoteClient):
             logger.log_dict({"address": trainer.service.address, **trainer.service.info()}, "image_service.json")
+    restore = _stop_on_sigterm(trainer)  # before the first checkpoint: from then on a SIGTERM is a clean stop
     if st is None:
         trainer.save_checkpoint(run_dir)  # step 0: a job whose image service dies early can still --resume
-    restore = _stop_on_sigterm(trainer)
     try:
         result = _fit(trainer, run_dir, logger)
     except KeyboardInterrupt:
