@@ -159,11 +159,13 @@ class LocalClient(_Client):
         self.address = "local"
 
     def _embed_unique(self, ids: Tensor, occurrences: int) -> tuple[Tensor, int]:
-        res = self.service.embed(ids, occurrences=occurrences)
-        return res.embeddings, res.version
+        t0 = time.perf_counter()
+        emb, version = self.service.compute(self.service._ids(ids))
+        self.service.count_embed(ids.nbytes, emb.nbytes, occurrences, time.perf_counter() - t0)
+        return emb, version
 
     def _push(self, ids: Tensor, grads: Tensor, token: int | None) -> int:
-        return self.service.backward(ids, grads, token=token).wait()
+        return self.service.backward(ids, grads, token=token, wire_bytes=ids.nbytes + grads.nbytes).wait()
 
     @property
     def counters(self) -> dict[str, float]:
@@ -356,8 +358,8 @@ class SpawnedService:
         self.ready = state_dir / "ready.json"
         self.ready.unlink(missing_ok=True)
         self.log_path = state_dir / "service.log"
-        serve = ServeConfig(**{"port": 0, **serve_options, "dataset": str(dataset), "state_dir": str(state_dir),
-                               "ready_file": str(self.ready)})
+        serve = ServeConfig(**{"port": 0, "exit_with_parent": True, **serve_options, "dataset": str(dataset),
+                               "state_dir": str(state_dir), "ready_file": str(self.ready)})
         argv = [sys.executable, "-m", "vitrine", "images", "serve", *to_argv(serve), *to_argv(descriptor)]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

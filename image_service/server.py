@@ -74,6 +74,8 @@ class ServeConfig:
     rpc_timeout_s: float = field(default=120.0, metadata=_h("timeout of RPC calls"))
     ready_file: str | None = field(default=None, metadata=_h(
         "write {address, pid} here (atomically) once the service accepts calls"))
+    exit_with_parent: bool = field(default=False, metadata=_h(
+        "stop when the process that started this one is gone (a job's own service must not outlive it)"))
 
     def check(self) -> None:
         if not 0 <= self.port < 65536:
@@ -185,14 +187,7 @@ def rpc_embed(ids: Tensor, occurrences: int) -> torch.futures.Future:
         emb, version = f.value()
         if unique.numel() != wanted.numel() or not torch.equal(unique, wanted):
             emb = emb[inverse]  # a client that did not deduplicate gets the rows in its order
-        with svc._lock:
-            c = svc.counters
-            c["requests"] += 1
-            c["embed_requests"] += 1
-            c["ids_requested"] += int(occurrences)
-            c["bytes_in"] += ids.nbytes
-            c["bytes_out"] += emb.nbytes
-            c["embed_seconds"] += time.perf_counter() - t0
+        svc.count_embed(ids.nbytes, emb.nbytes, int(occurrences), time.perf_counter() - t0)
         return emb, version
 
     return fut.then(answer)
@@ -301,9 +296,12 @@ def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
     if cfg.ready_file:
         _write_ready(cfg.ready_file, {"address": address, "pid": os.getpid(), "version": svc.version})
     sys.stdout.flush()
+    parent = os.getppid()
     try:
         while not srv.stop.wait(0.2):
-            pass
+            if cfg.exit_with_parent and os.getppid() != parent:
+                log("image service: the job that started it is gone; stopping")
+                break
     finally:
         srv.merger.close()
         c = svc.counters

@@ -78,6 +78,11 @@ def _new_counters() -> dict[str, float]:
     }
 
 
+def _nbytes(x: Any) -> int:
+    """Size of ids as the caller sent them (int32 from our clients), not after widening to int64."""
+    return int(x.nbytes) if isinstance(x, (Tensor, np.ndarray)) else 8 * len(np.asarray(x).reshape(-1))
+
+
 class ImageService:
     """Descriptor server over one processed dataset's image store."""
 
@@ -141,20 +146,25 @@ class ImageService:
         """Embeddings of the unique ids among `image_ids`, each computed once, and the inverse map.
 
         `occurrences`: how many ids the caller's batch held before it deduplicated them itself (the
-        remote client does), so that the dedup ratio counts the batch's repeats too."""
+        clients do), so that the dedup ratio counts the batch's repeats too."""
         t0 = time.perf_counter()
         ids = self._ids(image_ids)
         unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         emb, version = self.compute(unique)
+        self.count_embed(_nbytes(image_ids), emb.nbytes + inverse.nbytes + unique.nbytes,
+                         ids.numel() if occurrences is None else int(occurrences), time.perf_counter() - t0)
+        return EmbedResult(emb, inverse, unique, version)
+
+    def count_embed(self, bytes_in: int, bytes_out: int, occurrences: int, seconds: float) -> None:
+        """Account one embed request: bytes as received and as answered (the wire's, for a remote call)."""
         with self._lock:
             c = self.counters
             c["requests"] += 1
             c["embed_requests"] += 1
-            c["ids_requested"] += ids.numel() if occurrences is None else int(occurrences)
-            c["bytes_in"] += ids.nbytes
-            c["bytes_out"] += emb.nbytes + inverse.nbytes + unique.nbytes
-            c["embed_seconds"] += time.perf_counter() - t0
-        return EmbedResult(emb, inverse, unique, version)
+            c["ids_requested"] += occurrences
+            c["bytes_in"] += bytes_in
+            c["bytes_out"] += bytes_out
+            c["embed_seconds"] += seconds
 
     def compute(self, unique_ids: Tensor) -> tuple[Tensor, int]:
         """Head forward on already unique, checked ids: (embeddings, version). One merged group."""
@@ -191,7 +201,7 @@ class ImageService:
             c["requests"] += 1
             c["backward_requests"] += 1
             c["backward_ids"] += ids.numel()
-            c["bytes_in"] += ids.nbytes + grad.nbytes if wire_bytes is None else wire_bytes
+            c["bytes_in"] += _nbytes(image_ids) + grad.nbytes if wire_bytes is None else wire_bytes
             self.last_token = token
             if ids.numel():
                 updates = self.policy.add(push)

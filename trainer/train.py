@@ -107,9 +107,7 @@ class Trainer:
     def close(self) -> None:
         """Leave the service's RPC group, and stop the service if this job started it."""
         if isinstance(self.service, RemoteClient):
-            if self.spawned is not None and self.service._open:
-                self.service.stop_service()
-            self.service.close()
+            self.service.close()  # leave the group first; then the service can go (SIGTERM) without a fuss
         if self.spawned is not None:
             self.spawned.stop()
             self.spawned = None
