@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from vitrine.config import add_dataclass_args, from_args
 
@@ -20,7 +21,8 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.train import TrainConfig, train
 
     result = train(from_args(TrainConfig, args))
-    print(summarize(result))
+    if not os.environ.get("VITRINE_LAUNCHED"):  # a worker of our launcher: the launcher reports
+        print(summarize(result))
     return 0
 
 

@@ -13,7 +13,12 @@ from vitrine.errors import UserError
 @dataclass
 class TrainConfig:
     dataset: str = field(default="data/processed/demo", metadata=_h("processed dataset directory"))
-    mode: str = field(default="single", metadata=_h("training mode", choices=("single",)))
+    mode: str = field(default="single", metadata=_h(
+        "single (one process) | ar (synchronous data-parallel: all-reduce over --workers processes)",
+        choices=("single", "ar")))
+    workers: int = field(default=1, metadata=_h("worker processes (ar)"))
+    global_batch: int = field(default=0, metadata=_h(
+        "samples per step over all workers (0 = batch_size x workers); each worker takes its share"))
     features: str = field(default="ids+images", metadata=_h("ids | ids+ad_image | ids+behavior_images | ids+images",
                                                             choices=("ids", "ids+ad_image", "ids+behavior_images", "ids+images")))
     aggregator: str = field(default="attentive", metadata=_h("behaviour-image aggregation",
@@ -48,6 +53,12 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=_h("steps between logged step metrics"))
     progress: bool = field(default=True, metadata=_h("show a progress bar"))
 
+    def step_batch(self) -> int:
+        """Samples per optimizer step: the global batch in multi-process modes."""
+        if self.mode == "single":
+            return self.batch_size
+        return self.global_batch or self.batch_size * self.workers
+
     def model_config(self):
         from trainer.model import ModelConfig
 
@@ -68,6 +79,12 @@ class TrainConfig:
             raise UserError(f"--lr must be a positive number (got {self.lr})")
         if not 0 <= self.id_dropout < 1:
             raise UserError(f"--id-dropout must be in [0, 1) (got {self.id_dropout})")
+        if self.workers < 1 or self.global_batch < 0:
+            raise UserError(f"--workers must be >= 1 and --global-batch >= 0 (got {self.workers}, {self.global_batch})")
+        if self.mode == "single" and self.workers != 1:
+            raise UserError("--workers needs a multi-process --mode (ar); single mode is one process")
+        if self.global_batch and self.global_batch < self.workers:
+            raise UserError(f"--global-batch {self.global_batch} gives some of the {self.workers} workers no samples")
         if self.image_service not in ("local", "spawn"):
             from image_service.client import parse_address
 

@@ -21,7 +21,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from trainer.dataset import Dataset, open_dataset
 from trainer.features import FeatureMap
 from trainer.config import TrainConfig
 from trainer.images import image_inputs
+from trainer.distributed import allreduce
+from trainer.distributed.allreduce import DistContext
 from trainer.model import DICM
 from vitrine import paths
 from vitrine.errors import UserError
@@ -52,8 +54,9 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     """Owns the dataset, model, optimizer, image service, loaders and the run's bookkeeping."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, ctx: DistContext | None = None):
         cfg.check()
+        self.ctx = ctx  # None: one process
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -69,7 +72,8 @@ class Trainer:
         params = self.model.parameters()
         self.opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr))
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_decay_steps, gamma=cfg.lr_decay)
-        lcfg = LoaderConfig(batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+        # In AR every worker reads the global batch (same seed, same order) and trains on its slice.
+        lcfg = LoaderConfig(batch_size=cfg.step_batch(), shuffle_buffer=cfg.shuffle_buffer,
                             max_len=cfg.max_len or None)
         self.train_loader = BatchLoader(self.ds, "train", lcfg, seed=cfg.seed, shuffle=True)
         ecfg = LoaderConfig(batch_size=cfg.eval_batch_size, shuffle_buffer=cfg.eval_batch_size, max_len=cfg.max_len or None)
@@ -116,12 +120,20 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         self.model.train()
         if self.cfg.id_dropout:
-            batch = self._drop_ad_ids(batch)
+            batch = self._drop_ad_ids(batch)  # drawn over the global batch, so AR matches one process
+        share = 1.0
+        if self.ctx is not None:
+            batch, share = allreduce.shard(batch, self.ctx)
         img = image_inputs(batch, self.service, self.model.uses_ad_image, self.model.uses_hist_images, train=True)
         logits = self.model(batch, img.ad, img.hist)
-        loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype))
+        loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype)) * share
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.ctx is not None:
+            global_loss, stop = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()),
+                                                          self.stop_requested)
+            self.stop_requested = stop
+            loss = torch.tensor(global_loss)
         self.opt.step()
         self.sched.step()
         img.push_gradients(self.service, token=self.step)
@@ -165,8 +177,15 @@ class Trainer:
         return metrics.evaluate(pred["y"], pred["p"], pred["group"], pred["cold"], oracle_p)
 
     # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def is_coordinator(self) -> bool:
+        return self.ctx is None or self.ctx.is_coordinator
+
     def save_checkpoint(self, run_dir: Path) -> None:
-        """The trainer's checkpoint, with the service's state; a remote service also writes its own."""
+        """The trainer's checkpoint, with the service's state; a remote service also writes its own.
+        In AR every replica holds the same state, so only the coordinator writes it."""
+        if not self.is_coordinator:
+            return
         st = self.state()
         if self.service is not None:
             self.service.checkpoint(self.step)
@@ -233,20 +252,40 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg.check()
         name = f"dicm-{cfg.features}-{cfg.aggregator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = _run_dir(cfg, name)
-        if (run_dir / checkpoint.NAME).exists():
+    ctx = allreduce.from_env() if cfg.mode != "single" else None
+    if cfg.mode != "single" and ctx is None:
+        # The launcher: start the workers (and the image service) and wait for them.
+        if st is None and (run_dir / checkpoint.NAME).exists():
             raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or another --run-dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from trainer.distributed.launch import launch
+
+        return launch(cfg, run_dir)
+    if ctx is not None:
+        if not cfg.run_dir:
+            raise UserError("a worker of a multi-process job needs --run-dir (the same for every rank)")
+        if ctx.world != cfg.workers:
+            raise UserError(f"WORLD_SIZE={ctx.world} but --workers {cfg.workers}; give every rank the same --workers")
+        allreduce.init_group(ctx)
+    elif st is None and (run_dir / checkpoint.NAME).exists():
+        raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir)
+    if ctx is not None and not ctx.is_coordinator:
+        cfg = replace(cfg, track=False, progress=False)  # only the coordinator logs, evaluates, checkpoints
+    trainer = Trainer(cfg, run_dir, ctx)
     try:
         return _train(trainer, cfg, st, run_dir, name)
     finally:
         trainer.close()
+        if ctx is not None:
+            allreduce.shutdown()
 
 
 def _train(trainer: Trainer, cfg: TrainConfig, st: dict[str, Any] | None, run_dir: Path, name: str) -> dict[str, Any]:
     if st is not None:
         trainer.load_state(st)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if trainer.is_coordinator:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     logger = None
     if cfg.track:
         from trainer.tracking import RunLogger
@@ -295,6 +334,8 @@ def _train(trainer: Trainer, cfg: TrainConfig, st: dict[str, Any] | None, run_di
             _log_model(trainer, logger)
         logger.close("KILLED" if result.get("stopped") else "FINISHED")
     result.update(run_dir=str(run_dir), run_id=trainer.run_id)
+    if trainer.is_coordinator:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=float))
     return result
 
 
@@ -376,7 +417,7 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
             # A finished epoch: evaluate on valid, move on.
             trainer.epoch += 1
             trainer.batch_in_epoch = 0
-            if "valid" in trainer.eval_loaders:
+            if "valid" in trainer.eval_loaders and trainer.is_coordinator:
                 m = trainer.evaluate("valid")
                 trainer.history.append({"epoch": trainer.epoch, "step": trainer.step, **{f"valid_{k}": v for k, v in m.items()}})
                 if logger is not None:
@@ -385,6 +426,8 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     final: dict[str, Any] = {"steps": trainer.step}
+    if not trainer.is_coordinator:
+        return final
     if "test" in trainer.eval_loaders:
         m = trainer.evaluate("test")
         final.update({f"test_{k}": v for k, v in m.items()})

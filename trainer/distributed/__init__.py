@@ -1,0 +1,1 @@
+"""Training across processes: synchronous all-reduce now; the parameter server and GBA next."""

@@ -1,0 +1,75 @@
+"""Synchronous data-parallel training (AR) over a gloo process group.
+
+Every worker reads the same global batch (same seed, same order) and takes its own contiguous slice,
+so the union of the workers' slices is exactly the batch a single process would train on. Each
+worker scales its loss by `share = n_local * world / n_global` before backward: the mean over
+workers of the scaled local gradients is then exactly the gradient of the mean loss over the global
+batch, even when the last batch does not split evenly. One all-reduce per step carries every dense
+gradient (the embedding tables' included: at this scale their dense gradients are small, and a dense
+sum keeps every replica's Adam state identical), the loss and a stop flag (so a stop requested on
+any worker ends all of them after the same step). The image embeddings' gradients are scaled the
+same way and the image service averages them over the workers (its `sync` policy).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world: int
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> DistContext | None:
+    """The worker's place in the job when a launcher (ours or torchrun) set RANK and WORLD_SIZE."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+def init_group(ctx: DistContext, timeout_s: float = 1800) -> None:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world, timeout=timedelta(seconds=timeout_s))
+
+
+def shard(batch: dict[str, torch.Tensor], ctx: DistContext) -> tuple[dict[str, torch.Tensor], float]:
+    """This worker's contiguous slice of the global batch and its loss scale."""
+    n = int(batch["label"].shape[0])
+    lo, hi = ctx.rank * n // ctx.world, (ctx.rank + 1) * n // ctx.world
+    return {k: v[lo:hi] for k, v in batch.items()}, (hi - lo) * ctx.world / n
+
+
+def all_reduce_step(model: nn.Module, ctx: DistContext, loss: float, stop: bool) -> tuple[float, bool]:
+    """Average the gradients of every parameter over the workers, in one all-reduce; returns the
+    global batch's loss (the mean of the workers' scaled losses) and whether any worker asked to stop."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(torch.float64 if grads[0].dtype == torch.float64 else torch.float32)
+                      for g in grads] + [torch.tensor([loss, float(stop)], dtype=grads[0].dtype)])
+    dist.all_reduce(flat)
+    flat /= ctx.world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        if p.grad is None:
+            p.grad = torch.empty_like(p)
+        p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n
+    return float(flat[offset]), bool(flat[offset + 1] > 0)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
