@@ -24,7 +24,11 @@ from trainer.train import TrainConfig, Trainer, train
 from vitrine.errors import UserError
 
 EXACT = dict(dtype="float64", optimizer="sgd", lr=0.05, seed=3)
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _env() -> dict[str, str]:
+    """Read at call time: the session fixture points VITRINE_DATA at a temp root after import."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def _cfg(ds: Path, **kw) -> TrainConfig:
@@ -51,7 +55,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: 
 
 
 def _worker(*args: str, timeout: float = 180) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "ams_worker.py"), *map(str, args)], env=ENV,
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "ams_worker.py"), *map(str, args)], env=_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -92,7 +96,7 @@ def test_two_workers_merge_and_sync(sync_service, world_dataset, tmp_path):
     and takes one step with the average of their gradients, like one process on the global batch."""
     ids = {0: [3, 7, 7, 11, 20, 3], 1: [7, 20, 21, 21, 5]}
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "ams_worker.py"), "step", sync_service.address,
-                               ",".join(map(str, ids[w])), str(10 + w), "0", str(tmp_path / f"w{w}.pt")], env=ENV,
+                               ",".join(map(str, ids[w])), str(10 + w), "0", str(tmp_path / f"w{w}.pt")], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for w in (0, 1)]
     for p in procs:
         out, _ = p.communicate(timeout=120)
@@ -142,7 +146,7 @@ def _serve(ds: Path, state: Path, log: Path) -> tuple[subprocess.Popen, str]:
     argv = [sys.executable, "-m", "vitrine", "images", "serve", "--dataset", str(ds), "--port", "0",
             "--state-dir", str(state), "--ready-file", str(ready), "--dtype", "float64", "--optimizer", "sgd",
             "--lr", "0.05", "--seed", "3", "--threads", "1"]
-    proc = subprocess.Popen(argv, env=ENV, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, env=_env(), stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not ready.exists():
         assert proc.poll() is None, log.read_text()
@@ -161,7 +165,7 @@ def test_service_death_stops_the_job_which_resumes_exactly(world_dataset, tmp_pa
             "--checkpoint-every", "3", "--no-track", "--no-progress", "--threads", "1", "--dtype", "float64",
             "--optimizer", "sgd", "--lr", "0.05", "--seed", "3", "--eval-batch-size", "2048"]
     trainer = subprocess.Popen([sys.executable, "-m", "vitrine", "train", *args, "--image-service", address,
-                                "--run-dir", str(run)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "--run-dir", str(run)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 120
     while not (state / "checkpoint.pt").exists() or torch.load(state / "checkpoint.pt")["step"] < 6:
@@ -180,7 +184,7 @@ def test_service_death_stops_the_job_which_resumes_exactly(world_dataset, tmp_pa
     try:
         assert "resumed from" in (tmp_path / "svc.log").read_text(), (tmp_path / "svc.log").read_text()
         done = subprocess.run([sys.executable, "-m", "vitrine", "train", "--resume", str(run), "--image-service",
-                               address, "--no-progress"], env=ENV, capture_output=True, text=True, timeout=300)
+                               address, "--no-progress"], env=_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (done.stdout, done.stderr)
     finally:
         proc.terminate()

@@ -11,14 +11,18 @@ import torch
 
 from conftest import ROOT
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _env() -> dict[str, str]:
+    """Read at call time: the session fixture points VITRINE_DATA at a temp root after import."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 EXACT = ["--dtype", "float64", "--optimizer", "sgd", "--lr", "0.05", "--seed", "3", "--threads", "1",
          "--no-track", "--no-progress", "--eval-batch-size", "4096", "--epochs", "1"]
 
 
 def _train(ds, run_dir, *args) -> dict:
     done = subprocess.run([sys.executable, "-m", "vitrine", "train", "--dataset", str(ds), "--run-dir", str(run_dir),
-                           *EXACT, *args], env=ENV, capture_output=True, text=True, timeout=300)
+                           *EXACT, *args], env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return torch.load(run_dir / "checkpoint.pt", weights_only=False)
 
@@ -37,3 +41,39 @@ def test_all_reduce_equals_one_process_on_the_global_batch(world_dataset, tmp_pa
     # The descriptor trained: one sync step per global batch, not one per worker push.
     assert ar["service"]["version"] == single["service"]["version"] == 5
     assert (tmp_path / "ar" / "worker-1.log").exists()
+
+
+def test_straggler_specs():
+    from trainer.distributed.stragglers import Straggler
+    from vitrine.errors import UserError
+
+    s = Straggler.parse("1:4", 4)
+    assert s.slowed(7, 4) == 1 and s.delay(1, 7, 4, 0.5) == pytest.approx(1.5) and s.delay(0, 7, 4, 0.5) == 0
+    r = Straggler.parse("random:0.5:3", 4)
+    picks = [r.slowed(step, 4, seed=0) for step in range(400)]
+    assert picks == [r.slowed(step, 4, seed=0) for step in range(400)]  # every worker draws the same
+    slowed = [p for p in picks if p is not None]
+    assert 150 < len(slowed) < 250 and set(slowed) == {0, 1, 2, 3}
+    assert Straggler.parse("none", 4).slowed(0, 4) is None
+    for bad in ("4:2", "1:0.5", "random:2:3", "slow"):
+        with pytest.raises(UserError, match="--straggler"):
+            Straggler.parse(bad, 4)
+
+
+def test_a_straggler_slows_the_whole_synchronous_step(world_dataset, tmp_path):
+    """AR waits for the slowest worker: with worker 1 at 4x, both workers' steps take its time, and the
+    coordinator logs every worker's step time and who straggled."""
+    from mlflow.tracking import MlflowClient
+
+    from vitrine import tracking
+
+    args = ["--mode", "ar", "--workers", "2", "--global-batch", "256", "--max-steps", "12", "--features", "ids",
+            "--straggler", "1:4", "--log-every", "2", "--track"]
+    _train(world_dataset, tmp_path / "slow", *args)
+    result = __import__("json").loads((tmp_path / "slow" / "result.json").read_text())
+    client = MlflowClient(tracking.tracking_uri())
+    hist = {k: [m.value for m in client.get_metric_history(result["run_id"], k)]
+            for k in ("worker_step_s_0", "worker_step_s_1", "straggler_rank", "mode_code")}
+    assert len(hist["worker_step_s_1"]) >= 5 and set(hist["straggler_rank"]) == {1.0} and set(hist["mode_code"]) == {1.0}
+    ratio = sorted(b / a for a, b in zip(hist["worker_step_s_0"], hist["worker_step_s_1"]))
+    assert 3.0 < ratio[len(ratio) // 2] < 5.0  # worker 1 reports ~4x the time of worker 0 for its share

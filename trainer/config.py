@@ -17,6 +17,8 @@ class TrainConfig:
         "single (one process) | ar (synchronous data-parallel: all-reduce over --workers processes)",
         choices=("single", "ar")))
     workers: int = field(default=1, metadata=_h("worker processes (ar)"))
+    straggler: str | None = field(default=None, metadata=_h(
+        "slow a worker on purpose: RANK:FACTOR, random:P:FACTOR or none (ar)"))
     global_batch: int = field(default=0, metadata=_h(
         "samples per step over all workers (0 = batch_size x workers); each worker takes its share"))
     features: str = field(default="ids+images", metadata=_h("ids | ids+ad_image | ids+behavior_images | ids+images",
@@ -85,6 +87,12 @@ class TrainConfig:
             raise UserError("--workers needs a multi-process --mode (ar); single mode is one process")
         if self.global_batch and self.global_batch < self.workers:
             raise UserError(f"--global-batch {self.global_batch} gives some of the {self.workers} workers no samples")
+        if self.straggler:
+            if self.mode == "single":
+                raise UserError("--straggler slows one worker of a multi-process --mode (ar)")
+            from trainer.distributed.stragglers import Straggler
+
+            Straggler.parse(self.straggler, self.workers)
         if self.image_service not in ("local", "spawn"):
             from image_service.client import parse_address
 

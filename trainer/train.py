@@ -86,6 +86,12 @@ class Trainer:
         self.run_id: str | None = None
         self._id_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.stop_requested = False
+        self.worker_step_s: list[float] = []  # last step, per worker (multi-process modes)
+        self.straggler = None
+        if ctx is not None:
+            from trainer.distributed.stragglers import Straggler
+
+            self.straggler = Straggler.parse(cfg.straggler, ctx.world)
 
     def _open_image_service(self, run_dir: Path | None):
         cfg = self.cfg
@@ -118,6 +124,7 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        t0 = time.perf_counter()
         self.model.train()
         if self.cfg.id_dropout:
             batch = self._drop_ad_ids(batch)  # drawn over the global batch, so AR matches one process
@@ -130,10 +137,14 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.ctx is not None:
-            global_loss, stop = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()),
-                                                          self.stop_requested)
-            self.stop_requested = stop
-            loss = torch.tensor(global_loss)
+            compute_s = time.perf_counter() - t0
+            pause = self.straggler.delay(self.ctx.rank, self.step, self.ctx.world, compute_s, self.cfg.seed)
+            if pause:
+                time.sleep(pause)
+            rep = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()), self.stop_requested,
+                                            compute_s + pause)
+            self.stop_requested, self.worker_step_s = rep.stop, rep.step_s
+            loss = torch.tensor(rep.loss)
         self.opt.step()
         self.sched.step()
         img.push_gradients(self.service, token=self.step)
@@ -394,6 +405,11 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
                     m = {"loss": loss, "samples_per_s": sps, "lr": trainer.sched.get_last_lr()[0]}
                     if trainer.service is not None:
                         m.update(trainer.service.meter.summary())
+                    if trainer.ctx is not None:
+                        m.update({f"worker_step_s_{r}": t for r, t in enumerate(trainer.worker_step_s)})
+                        slowed = trainer.straggler.slowed(trainer.step - 1, trainer.ctx.world, cfg.seed)
+                        m["straggler_rank"] = -1 if slowed is None else slowed
+                        m["mode_code"] = 1.0  # 0 single, 1 ar, 2 async, 3 gba
                     logger.log_metrics(m, step=trainer.step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:,.0f}")

@@ -51,13 +51,22 @@ def shard(batch: dict[str, torch.Tensor], ctx: DistContext) -> tuple[dict[str, t
     return {k: v[lo:hi] for k, v in batch.items()}, (hi - lo) * ctx.world / n
 
 
-def all_reduce_step(model: nn.Module, ctx: DistContext, loss: float, stop: bool) -> tuple[float, bool]:
-    """Average the gradients of every parameter over the workers, in one all-reduce; returns the
-    global batch's loss (the mean of the workers' scaled losses) and whether any worker asked to stop."""
+@dataclass
+class StepReport:
+    loss: float  # of the global batch
+    stop: bool  # some worker asked to stop
+    step_s: list[float]  # each worker's time for its share of the step, before the all-reduce
+
+
+def all_reduce_step(model: nn.Module, ctx: DistContext, loss: float, stop: bool, step_s: float) -> StepReport:
+    """Average the gradients of every parameter over the workers, in one all-reduce that also carries
+    the loss, the stop flag and each worker's step time (in its own slot, zeros elsewhere)."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).to(torch.float64 if grads[0].dtype == torch.float64 else torch.float32)
-                      for g in grads] + [torch.tensor([loss, float(stop)], dtype=grads[0].dtype)])
+    dtype = grads[0].dtype
+    extra = torch.zeros(2 + ctx.world, dtype=dtype)
+    extra[0], extra[1], extra[2 + ctx.rank] = loss, float(stop), step_s * ctx.world
+    flat = torch.cat([g.reshape(-1) for g in grads] + [extra])
     dist.all_reduce(flat)
     flat /= ctx.world
     offset = 0
@@ -67,7 +76,8 @@ def all_reduce_step(model: nn.Module, ctx: DistContext, loss: float, stop: bool)
             p.grad = torch.empty_like(p)
         p.grad.copy_(flat[offset:offset + n].view_as(p))
         offset += n
-    return float(flat[offset]), bool(flat[offset + 1] > 0)
+    tail = flat[offset:].tolist()
+    return StepReport(tail[0], tail[1] > 0, tail[2:])
 
 
 def shutdown() -> None:
