@@ -51,3 +51,16 @@ def test_processes_log_at_once_to_a_fresh_store(tmp_path):
     assert len(runs) == 4
     for r in runs:
         assert len(client.get_metric_history(r.info.run_id, "loss")) == 20
+
+
+def test_a_sqlite_store_elsewhere_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """Not in ./mlruns of the current directory (MLflow's default for a store without a location)."""
+    from vitrine import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    (tmp_path / "store").mkdir()
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    exp = mlflow.tracking.MlflowClient(tracking.setup()).get_experiment(tracking.experiment_id("vitrine-x"))
+    assert exp.artifact_location == (tmp_path / "store" / "artifacts" / "vitrine-x").as_uri()

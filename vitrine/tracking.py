@@ -72,14 +72,22 @@ def experiment_id(name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifact_location = None
-    if _is_local_default(uri):
-        artifact_location = (local_store_dir() / "artifacts" / name).as_uri()
+    artifact_location = _local_artifacts(uri, name)
     with _init_lock() if _is_local_default(uri) else _nullcontext():
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def _local_artifacts(uri: str, name: str) -> str | None:
+    """Artifacts of a local SQLite store go beside the database file; left to MLflow, they would land
+    in `./mlruns` of whatever directory the process started in. A server decides for itself (None)."""
+    if _is_local_default(uri):
+        return (local_store_dir() / "artifacts" / name).as_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts" / name).as_uri()
+    return None
 
 
 @contextmanager
