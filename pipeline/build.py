@@ -36,6 +36,7 @@ from pipeline.validate import validate
 from pipeline.vocab import OOV, build_vocab, encode, frequency_summary, vocab_size
 from vitrine.atomic import atomic_dir
 from vitrine.errors import UserError
+from vitrine.jobs import report_progress
 
 FORMAT_VERSION = 1
 DAY_MS = 86_400_000
@@ -313,6 +314,7 @@ class _Stages:
     def __call__(self, n: int, name: str, text: str) -> None:
         self.stop()
         self._name, self._t = name, time.perf_counter()
+        report_progress(n - 1, 5, stage=name, text=text)
         if self.progress:
             print(f"[{n}/5] {text}", flush=True)
 
@@ -361,6 +363,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
             if run is not None:
                 run.finish(manifest, tmp)
+    report_progress(5, 5, stage="done", text=f"dataset written to {out}")
     return manifest
 
 

@@ -7,6 +7,7 @@ pipeline started from a test, the dashboard or another job never picks up someon
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,7 +98,10 @@ def pipeline_run(cfg, out: Path) -> Iterator[PipelineRun | None]:
     uri = tracking.setup()
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(tracking.PIPELINE_EXPERIMENT)
-    run = client.create_run(exp_id, run_name=f"pipeline {out.name}", tags={"vitrine.job": "pipeline", "vitrine.dataset": str(out)})
+    tags = {"vitrine.job": "pipeline", "vitrine.dataset": str(out)}
+    if os.environ.get("VITRINE_JOB_ID"):
+        tags["vitrine.job_id"] = os.environ["VITRINE_JOB_ID"]  # links the run to its job (vitrine/jobs.py)
+    run = client.create_run(exp_id, run_name=f"pipeline {out.name}", tags=tags)
     run_id = run.info.run_id
     params = as_params(cfg)
     client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])

@@ -46,6 +46,7 @@ from pipeline.synth import draw
 from trainer import metrics
 from vitrine.atomic import atomic_dir
 from vitrine.errors import UserError
+from vitrine.jobs import report_progress
 
 # --- the world's fixed parameters (recorded in world.json under "model") -----------------------
 B0 = -3.0  # intercept
@@ -578,6 +579,7 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
     )
     (root / "source.toml").write_text(SOURCE_TOML)
 
+    report_progress(1, 4, stage="images", text=f"drawing {n_items} images")
     _render_images(cfg, w, root / "images", progress)
 
     # impressions per user and day, then whole users grouped into parts of ~ROWS_PER_PART rows
@@ -599,6 +601,7 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
     cold_mask = w.first_day > 0
     next_id = 0
     truth_writer = pq.ParquetWriter(root / "truth" / "impressions.parquet", TRUTH_SCHEMA, compression="snappy")
+    report_progress(2, 4, stage="impressions", text=f"simulating {total} impressions")
     bar = tqdm(total=total, desc="impressions", unit="row", unit_scale=True, disable=not progress, file=sys.stderr)
     try:
         for part, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -640,6 +643,7 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
         bar.close()
         truth_writer.close()
 
+    report_progress(3, 4, stage="oracle", text="oracle metrics")
     p = np.concatenate(ps) if ps else np.zeros(0)
     p_nv = np.concatenate(pnv) if pnv else np.zeros(0, np.float32)
     p_ns = np.concatenate(pns) if pns else np.zeros(0, np.float32)
@@ -695,8 +699,10 @@ def generate(cfg: WorldConfig, out: Path, overwrite: bool = False, progress: boo
     n_users, n_items = _validate(cfg)
     out = Path(out).absolute()
     with atomic_dir(out, overwrite=overwrite, what="world") as tmp:
+        report_progress(0, 4, stage="tables", text="items and users")
         summary: dict[str, Any] = {"format_version": 1, "generator": "pipeline.synth", "settings": asdict(cfg)}
         summary.update(_build(cfg, tmp, n_users, n_items, progress))
         summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
         (tmp / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report_progress(4, 4, stage="done", text=f"world written to {out}")
     return summary
