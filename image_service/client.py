@@ -362,7 +362,11 @@ class SpawnedService:
                                "state_dir": str(state_dir), "ready_file": str(self.ready)})
         argv = [sys.executable, "-m", "vitrine", "images", "serve", *to_argv(serve), *to_argv(descriptor)]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # Its own session: a stop sent to the job's process group (the dashboard's Stop) must not take
+        # the service down while the trainer still checkpoints through it; the job stops it after, and
+        # `exit_with_parent` ends it if the job dies first.
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
         deadline = time.monotonic() + start_timeout_s
         while True:
             if self.ready.exists():

@@ -77,3 +77,44 @@ def test_a_straggler_slows_the_whole_synchronous_step(world_dataset, tmp_path):
     assert len(hist["worker_step_s_1"]) >= 5 and set(hist["straggler_rank"]) == {1.0} and set(hist["mode_code"]) == {1.0}
     ratio = sorted(b / a for a, b in zip(hist["worker_step_s_0"], hist["worker_step_s_1"]))
     assert 3.0 < ratio[len(ratio) // 2] < 5.0  # worker 1 reports ~4x the time of worker 0 for its share
+
+
+def test_a_running_ar_job_obeys_its_control_channel(world_dataset, tmp_path):
+    """Launched as a job (as the dashboard does): a straggler set while it runs reaches every worker at
+    the same step, and a stop ends all workers after one step with a checkpoint."""
+    import json
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from vitrine import control, jobs, tracking
+
+    run_dir = tmp_path / "job"
+    job = jobs.launch(["train", "--dataset", str(world_dataset), "--run-dir", str(run_dir), *EXACT,
+                       "--mode", "ar", "--workers", "2", "--global-batch", "256", "--features", "ids",
+                       "--epochs", "50", "--log-every", "1", "--track"], "train", cwd=str(ROOT))
+    deadline = time.monotonic() + 180
+
+    def progress() -> int:
+        p = jobs.get(job.id).progress or {}
+        assert jobs.get(job.id).status in ("running", "stopped"), jobs.get(job.id).tail()
+        assert time.monotonic() < deadline, jobs.get(job.id).tail()
+        return int(p.get("done", 0))
+
+    while progress() < 3 or "straggler" not in jobs.get(job.id).capabilities:
+        time.sleep(0.05)
+    sent_at = progress()
+    control.send(job.id, {"cmd": "straggler", "spec": "1:3"})
+    while progress() < sent_at + 8:
+        time.sleep(0.05)
+    stopped = jobs.stop(jobs.get(job.id), timeout=60)
+    assert stopped.status == "stopped" and stopped.exit_code == 0, stopped.tail()
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    run = MlflowClient(tracking.tracking_uri()).get_run(ckpt["run_id"])
+    assert run.info.status == "KILLED" and run.data.tags.get("vitrine.job_id") == job.id
+    slowed = [(m.step, m.value) for m in MlflowClient(tracking.tracking_uri()).get_metric_history(
+        ckpt["run_id"], "straggler_rank")]
+    before = [v for s, v in slowed if s <= sent_at]
+    after = [v for s, v in slowed if s > ckpt["step"] - 3]
+    assert before and set(before) == {-1.0} and set(after) == {1.0}, slowed
+    assert json.loads((run_dir / "config.json").read_text())["mode"] == "ar"

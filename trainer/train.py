@@ -41,7 +41,7 @@ from trainer.images import image_inputs
 from trainer.distributed import allreduce
 from trainer.distributed.allreduce import DistContext
 from trainer.model import DICM
-from vitrine import paths
+from vitrine import jobs, paths
 from vitrine.errors import UserError
 
 
@@ -92,6 +92,12 @@ class Trainer:
             from trainer.distributed.stragglers import Straggler
 
             self.straggler = Straggler.parse(cfg.straggler, ctx.world)
+        self.control = None  # the job's control channel, read by the coordinator (vitrine/control.py)
+        if self.is_coordinator and os.environ.get(jobs.ENV):
+            from vitrine.control import ControlReader
+
+            self.control = ControlReader(jobs.job_dir(os.environ[jobs.ENV]))
+            jobs.set_capabilities(["stop", "straggler"] if ctx is not None else ["stop"])
 
     def _open_image_service(self, run_dir: Path | None):
         cfg = self.cfg
@@ -136,14 +142,20 @@ class Trainer:
         loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype)) * share
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.ctx is None and self.control is not None:
+            self._control_commands()
         if self.ctx is not None:
             compute_s = time.perf_counter() - t0
             pause = self.straggler.delay(self.ctx.rank, self.step, self.ctx.world, compute_s, self.cfg.seed)
             if pause:
                 time.sleep(pause)
             rep = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()), self.stop_requested,
-                                            compute_s + pause)
+                                            compute_s + pause, self._control_commands())
             self.stop_requested, self.worker_step_s = rep.stop, rep.step_s
+            if rep.straggler is not None:  # every worker switches at the same step
+                from trainer.distributed.stragglers import Straggler
+
+                self.straggler = Straggler.from_tuple(rep.straggler)
             loss = torch.tensor(rep.loss)
         self.opt.step()
         self.sched.step()
@@ -152,6 +164,23 @@ class Trainer:
             self.service.count_samples(int(batch["label"].shape[0]))
         self.step += 1
         return float(loss.detach())
+
+    def _control_commands(self) -> tuple[float, float, float] | None:
+        """Apply the job's new control commands (coordinator); returns a new straggler setting to share."""
+        if self.control is None:
+            return None
+        new = None
+        for cmd in self.control.poll():
+            if cmd.get("cmd") == "stop":
+                self.stop_requested = True
+            elif cmd.get("cmd") == "straggler" and self.ctx is not None:
+                from trainer.distributed.stragglers import Straggler
+
+                try:
+                    new = Straggler.parse(cmd["spec"], self.ctx.world).as_tuple()
+                except UserError as exc:
+                    print(f"control: ignored {cmd}: {exc}", flush=True)
+        return new
 
     def _drop_ad_ids(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Cold items reach the model with OOV item and image IDs; show it such rows in training."""
@@ -415,6 +444,7 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:,.0f}")
             if bar is not None:
                 bar.update(1)
+            jobs.report_progress(trainer.step, total, loss=loss, epoch=trainer.epoch)
             if trainer.step % cfg.checkpoint_every == 0:
                 trainer.save_checkpoint(run_dir)
             if trainer.step >= total:

@@ -22,27 +22,31 @@ class Straggler:
 
     @classmethod
     def parse(cls, spec: str | None, workers: int) -> "Straggler":
-        if not spec or spec == "none":
+        """The spec grammar is the control channel's (`vitrine.control.parse_straggler`), so a setting
+        given at launch and one sent to a running job read the same."""
+        from vitrine.control import parse_straggler
+
+        if not spec:
             return cls()
-        parts = spec.split(":")
         try:
-            if parts[0] == "random" and len(parts) == 3:
-                p, f = float(parts[1]), float(parts[2])
-                if not 0 <= p <= 1:
-                    raise ValueError
-                out = cls(None, p, f)
-            elif len(parts) == 2:
-                out = cls(int(parts[0]), 1.0, float(parts[1]))
-            else:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--straggler {spec!r}: use RANK:FACTOR (e.g. 1:4), random:P:FACTOR (e.g. random:0.1:4) "
-                            f"or none") from None
-        if out.factor < 1:
-            raise UserError(f"--straggler {spec!r}: FACTOR is how many times slower, >= 1")
-        if out.rank is not None and not 0 <= out.rank < workers:
-            raise UserError(f"--straggler {spec!r}: rank {out.rank} is not one of the {workers} workers")
-        return out
+            d = parse_straggler(spec)
+        except UserError as exc:
+            raise UserError(f"--straggler: {exc}") from None
+        if d["kind"] == "none":
+            return cls()
+        if d["kind"] == "random":
+            return cls(None, d["p"], d["factor"])
+        if d["rank"] >= workers:
+            raise UserError(f"--straggler {spec!r}: rank {d['rank']} is not one of the {workers} workers")
+        return cls(d["rank"], 1.0, d["factor"])
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return (-1 if self.rank is None else self.rank, self.probability, self.factor)
+
+    @classmethod
+    def from_tuple(cls, t: tuple[float, float, float]) -> "Straggler":
+        rank, p, f = t
+        return cls(None if rank < 0 else int(rank), float(p), float(f))
 
     def slowed(self, step: int, workers: int, seed: int = 0) -> int | None:
         """The rank slowed at `step`, or None."""
