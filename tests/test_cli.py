@@ -50,10 +50,10 @@ def test_generate_then_pipeline_on_a_local_cluster(tmp_path):
 
 def test_demo_generates_processes_and_says_where(tmp_path):
     env = {**os.environ, "VITRINE_DATA": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
-    stdout = _run(["demo", "--scale", "0.1"], env)
+    stdout = _run(["demo", "--scale", "0.1", "--no-dashboard"], env)
     out = tmp_path / "data" / "processed" / "demo"
     m = json.loads((out / "manifest.json").read_text())
     assert str(out) in stdout and m["mlflow_run_id"] in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
     # A second demo reuses the world instead of drawing it again.
-    assert "reusing" in _run(["demo", "--scale", "0.1"], env)
+    assert "reusing" in _run(["demo", "--scale", "0.1", "--no-dashboard"], env)

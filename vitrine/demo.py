@@ -1,7 +1,9 @@
 """`vitrine demo`: the main job end to end on the built-in synthetic world.
 
 Generates the default world (once; reused when its settings match), processes it on a local Dask
-cluster, trains the DICM on it and says where everything went. Each capability Vitrine gains is added here as a step.
+cluster, trains the DICM on it with the image descriptor in its own process (the AMS image service),
+says where everything went, and ends with the dashboard and the MLflow UI open on the runs (until
+Ctrl-C; `--no-dashboard` to skip). Each capability Vitrine gains is added here as a step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="Dask worker processes")
     p.add_argument("--epochs", type=int, default=8, help="training epochs (the default world is small: 8 epochs of ~74k rows)")
+    p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="end with the dashboard (and the MLflow UI) open on the demo's runs, until Ctrl-C")
+    p.add_argument("--port", type=int, default=8501, help="dashboard port (taken: any free one)")
     p.set_defaults(func=run_demo)
 
 
@@ -56,7 +61,37 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  MLflow runs    pipeline {manifest.get('mlflow_run_id')} (experiment {tracking.PIPELINE_EXPERIMENT}), "
           f"training {result.get('run_id')} (experiment {tracking.TRAIN_EXPERIMENT})")
     print(f"  checkpoints    {result['run_dir']}")
-    print(f"  MLflow UI      .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1")
+    if not args.dashboard:
+        print(f"  MLflow UI      .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1")
+        print(f"  dashboard      .venv/bin/vitrine dashboard   (then open http://127.0.0.1:8501)")
+        return 0
+    return _serve_dashboard(args.port)
+
+
+def _serve_dashboard(port: int) -> int:
+    """The dashboard and the MLflow UI on 127.0.0.1 over the demo's store, until Ctrl-C."""
+    from app import server
+    from vitrine.errors import UserError
+
+    print("== 4. the dashboard")
+    logs = paths.data_root()
+    ui_url, ui = server.start_mlflow_ui(tracking.tracking_uri(), log=logs / "mlflow-ui.log")
+    dash = None
+    try:
+        try:
+            address, dash = server.start("127.0.0.1", port, mlflow_url=ui_url, log=logs / "dashboard.log")
+        except UserError:  # the port is taken (another dashboard?): any free one will do
+            address, dash = server.start("127.0.0.1", 0, mlflow_url=ui_url, log=logs / "dashboard.log")
+        print(f"  MLflow UI      {ui_url}")
+        print(f"\nOpen the dashboard: {address}   (runs, jobs, live job, data, images; Ctrl-C stops it)", flush=True)
+        try:
+            dash.wait()
+        except KeyboardInterrupt:
+            print("\nstopping the dashboard")
+    finally:
+        for proc in (dash, ui):
+            if proc is not None:
+                server.stop(proc)
     return 0
 
 
