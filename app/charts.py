@@ -53,33 +53,46 @@ def _wall_at(steps: np.ndarray, ref: pd.DataFrame) -> np.ndarray:
     return np.interp(steps, r["step"].to_numpy(), r["wall_s"].to_numpy())
 
 
+def _mode_bands(bands: pd.DataFrame | None, xf: str, legend_orient: str) -> list[alt.Chart]:
+    """Shaded spans of the mode timeline (AR / GBA / async), filled by mode."""
+    if bands is None or bands.empty:
+        return []
+    s, e = ("start", "end") if xf == "step" else ("start_wall", "end_wall")
+    return [alt.Chart(bands).mark_rect(opacity=0.15).encode(
+        x=f"{s}:Q", x2=f"{e}:Q",
+        fill=alt.Fill("mode:N", scale=alt.Scale(domain=list(MODE_COLORS), range=list(MODE_COLORS.values())),
+                      legend=alt.Legend(title="mode", orient=legend_orient)),
+        tooltip=["mode:N", "start:Q", "end:Q"])]
+
+
+def _switch_rules(rules: pd.DataFrame | None, xf: str) -> list[alt.Chart]:
+    """A dashed rule and a label at every mode switch."""
+    if rules is None or rules.empty:
+        return []
+    rx = "step" if xf == "step" else "wall_s"
+    return [alt.Chart(rules).mark_rule(strokeDash=[4, 3], stroke="#d62728").encode(
+                x=f"{rx}:Q", tooltip=["run:N", "label:N", "step:Q"]),
+            alt.Chart(rules).mark_text(align="left", dx=3, dy=-4, fill="#d62728", fontSize=10).encode(
+                x=f"{rx}:Q", y=alt.value(8), text="label:N")]
+
+
+def _lines(chart: alt.Chart, xf: str, xtitle: str, ytitle: str | None, points: bool, label_limit: int = 200) -> alt.Chart:
+    return chart.mark_line(point=points).encode(
+        x=alt.X(f"{xf}:Q", title=xtitle),
+        y=alt.Y("value:Q", title=ytitle, scale=alt.Scale(zero=False)),
+        color=alt.Color("run:N", legend=alt.Legend(orient="bottom", title=None, labelLimit=label_limit)),
+        tooltip=["run:N", "step:Q", alt.Tooltip("wall_s:Q", format=".1f"), alt.Tooltip("value:Q", format=".5g")],
+    )
+
+
 def metric_chart(curves: pd.DataFrame, metric: str, x: str, bands: pd.DataFrame | None = None,
                  rules: pd.DataFrame | None = None, height: int = 220) -> alt.Chart:
     """Lines of `metric` per run (column `run`), with optional mode bands and switch rules."""
     xf, xtitle = X_FIELDS[x]
     d = curves[curves["metric"] == metric]
-    base = alt.Chart(d).mark_line(point=len(d) < 40).encode(
-        x=alt.X(f"{xf}:Q", title=xtitle),
-        y=alt.Y("value:Q", title=metric, scale=alt.Scale(zero=False)),
-        color=alt.Color("run:N", legend=alt.Legend(orient="bottom", title=None)),
-        tooltip=["run:N", "step:Q", alt.Tooltip("wall_s:Q", format=".1f"), alt.Tooltip("value:Q", format=".5g")],
-    )
-    layers: list[alt.Chart] = []
-    if bands is not None and not bands.empty:
-        s, e = ("start", "end") if xf == "step" else ("start_wall", "end_wall")
-        layers.append(alt.Chart(bands).mark_rect(opacity=0.15).encode(
-            x=f"{s}:Q", x2=f"{e}:Q",
-            color=alt.Color("mode:N", scale=alt.Scale(domain=list(MODE_COLORS), range=list(MODE_COLORS.values())),
-                            legend=alt.Legend(title="mode", orient="right")),
-            tooltip=["mode:N", "start:Q", "end:Q"]))
-    layers.append(base)
-    if rules is not None and not rules.empty:
-        rx = "step" if xf == "step" else "wall_s"
-        layers.append(alt.Chart(rules).mark_rule(strokeDash=[4, 3], color="#d62728").encode(
-            x=f"{rx}:Q", tooltip=["run:N", "label:N", "step:Q"]))
-        layers.append(alt.Chart(rules).mark_text(align="left", dx=3, dy=-4, color="#d62728", fontSize=10).encode(
-            x=f"{rx}:Q", y=alt.value(8), text="label:N"))
-    return alt.layer(*layers).resolve_scale(color="independent").properties(height=height, title=metric)
+    layers = [*_mode_bands(bands, xf, "right"), _lines(alt.Chart(d), xf, xtitle, metric, len(d) < 40),
+              *_switch_rules(rules, xf)]
+    return alt.layer(*layers).properties(height=height, title=metric)
 
 
 def compare_chart(curves: pd.DataFrame, metrics: list[str], x: str, bands: pd.DataFrame | None = None,
@@ -93,27 +106,9 @@ def compare_chart(curves: pd.DataFrame, metrics: list[str], x: str, bands: pd.Da
     panels = []
     for metric in metrics:
         n = int((curves["metric"] == metric).sum())
-        line = alt.Chart().mark_line(point=n < 40).encode(
-            x=alt.X(f"{xf}:Q", title=xtitle),
-            y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-            color=alt.Color("run:N", legend=alt.Legend(orient="bottom", title=None, labelLimit=400)),
-            tooltip=["run:N", "step:Q", alt.Tooltip("wall_s:Q", format=".1f"), alt.Tooltip("value:Q", format=".5g")],
-        ).transform_filter(alt.datum.metric == metric)
-        layers: list[alt.Chart] = []
-        if bands is not None and not bands.empty:
-            s, e = ("start", "end") if xf == "step" else ("start_wall", "end_wall")
-            layers.append(alt.Chart(bands).mark_rect(opacity=0.15).encode(
-                x=f"{s}:Q", x2=f"{e}:Q",
-                fill=alt.Fill("mode:N", scale=alt.Scale(domain=list(MODE_COLORS), range=list(MODE_COLORS.values())),
-                              legend=alt.Legend(title="mode", orient="bottom")),
-                tooltip=["mode:N", "start:Q", "end:Q"]))
-        layers.append(line)
-        if rules is not None and not rules.empty:
-            rx = "step" if xf == "step" else "wall_s"
-            layers.append(alt.Chart(rules).mark_rule(strokeDash=[4, 3], stroke="#d62728").encode(
-                x=f"{rx}:Q", tooltip=["run:N", "label:N", "step:Q"]))
-            layers.append(alt.Chart(rules).mark_text(align="left", dx=3, dy=-4, fill="#d62728", fontSize=10).encode(
-                x=f"{rx}:Q", y=alt.value(8), text="label:N"))
+        line = _lines(alt.Chart(), xf, xtitle, None, n < 40, label_limit=400).transform_filter(
+            alt.datum.metric == metric)
+        layers = [*_mode_bands(bands, xf, "bottom"), line, *_switch_rules(rules, xf)]
         panels.append(alt.layer(*layers).properties(title=metric, width=width, height=height))
     return alt.concat(*panels, columns=2, data=curves)
 
