@@ -150,7 +150,7 @@ class Trainer:
             if pause:
                 time.sleep(pause)
             rep = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()), self.stop_requested,
-                                            compute_s + pause, self._control_commands())
+                                            time.perf_counter() - t0, self._control_commands())
             self.stop_requested, self.worker_step_s = rep.stop, rep.step_s
             if rep.straggler is not None:  # every worker switches at the same step
                 from trainer.distributed.stragglers import Straggler
