@@ -85,7 +85,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.run_id: str | None = None
         self._id_rng = torch.Generator().manual_seed(cfg.seed + 1)
-        self.stop_requested = False
+        self.stop_requested = False  # the loop ends after this step (in AR: all workers agreed)
+        self._stop_pending = False  # asked here (SIGTERM, control channel), not yet shared
         self.worker_step_s: list[float] = []  # last step, per worker (multi-process modes)
         self.straggler = None
         if ctx is not None:
@@ -149,9 +150,14 @@ class Trainer:
             pause = self.straggler.delay(self.ctx.rank, self.step, self.ctx.world, compute_s, self.cfg.seed)
             if pause:
                 time.sleep(pause)
-            rep = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()), self.stop_requested,
-                                            time.perf_counter() - t0, self._control_commands())
-            self.stop_requested, self.worker_step_s = rep.stop, rep.step_s
+            new_straggler = self._control_commands()  # may ask to stop: read before the flag is sent
+            # A stop asked during the all-reduce stays pending and goes out with the next step, so all
+            # workers end after the same step (one that stopped alone would leave the others waiting).
+            pending = self._stop_pending
+            rep = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()), pending,
+                                            time.perf_counter() - t0, new_straggler)
+            self.stop_requested = rep.stop
+            self.worker_step_s = rep.step_s
             if rep.straggler is not None:  # every worker switches at the same step
                 from trainer.distributed.stragglers import Straggler
 
@@ -165,6 +171,12 @@ class Trainer:
         self.step += 1
         return float(loss.detach())
 
+    def request_stop(self) -> None:
+        """Stop after the current step (one process) or after the next step all workers agree on (AR)."""
+        self._stop_pending = True
+        if self.ctx is None:
+            self.stop_requested = True
+
     def _control_commands(self) -> tuple[float, float, float] | None:
         """Apply the job's new control commands (coordinator); returns a new straggler setting to share."""
         if self.control is None:
@@ -172,7 +184,7 @@ class Trainer:
         new = None
         for cmd in self.control.poll():
             if cmd.get("cmd") == "stop":
-                self.stop_requested = True
+                self.request_stop()
             elif cmd.get("cmd") == "straggler" and self.ctx is not None:
                 from trainer.distributed.stragglers import Straggler
 
@@ -402,7 +414,7 @@ def _stop_on_sigterm(trainer: Trainer):
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum, frame):
-        trainer.stop_requested = True
+        trainer.request_stop()
 
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
