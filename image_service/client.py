@@ -328,14 +328,6 @@ class RemoteClient(_Client):
 
         return self._call(server.rpc_trunk_features, torch.as_tensor(np.asarray(ids), dtype=torch.int64))
 
-    def stop_service(self) -> None:
-        from image_service import server
-
-        try:
-            self._call(server.rpc_stop)
-        except ImageServiceUnavailable:
-            pass
-
     def close(self) -> None:
         if self._open is None:
             return

@@ -12,8 +12,8 @@ unique per request), embeddings and their gradients, never pixels or trunk featu
 - `rpc_backward(ids, grads, token, worker)`: hands the push to the update policy and answers the
   head's version once the step containing the push is applied (at once under `immediate`; when all
   workers of the step have pushed under `sync`).
-- `rpc_info`, `rpc_counters`, `rpc_state_dict`, `rpc_load_state_dict`, `rpc_checkpoint`,
-  `rpc_trunk_features` (to export the model, never during training) and `rpc_stop`.
+- `rpc_info`, `rpc_counters`, `rpc_state_dict`, `rpc_load_state_dict`, `rpc_checkpoint` and
+  `rpc_trunk_features` (to export the model, never during training).
 
 The service's own checkpoint (`STATE_DIR/checkpoint.pt`, written atomically when a trainer asks,
 i.e. at the trainer's checkpoints) is loaded when a restarted service finds it, so a job can resume.
@@ -156,7 +156,8 @@ def _answers_refusals(fn):
 
 
 def _async_answers_refusals(fn):
-    """The same for `async_execution` functions, which must always return a future."""
+    """The same for `async_execution` functions, which must always return a future. (Built on its
+    own: wrapping `_answers_refusals` here made RPC try to pickle the returned future.)"""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -242,11 +243,6 @@ def rpc_trunk_features(ids: Tensor) -> Tensor:
     return _server().service.trunk_features(_to_ids(ids))
 
 
-def rpc_stop() -> bool:
-    _server().stop.set()
-    return True
-
-
 # -- the process ------------------------------------------------------------------------------------
 def free_port(host: str) -> int:
     """A port free at this moment (the RPC rendezvous needs a number up front; a lost race is retried)."""
@@ -263,7 +259,7 @@ def _write_ready(path: str, info: dict[str, Any]) -> None:
 
 
 def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
-    """Run the service until SIGTERM/SIGINT or `rpc_stop`; returns the process exit code."""
+    """Run the service until SIGTERM/SIGINT (or its parent is gone, with `exit_with_parent`)."""
     global _SERVER
     cfg.check()
     if cfg.threads:
