@@ -452,7 +452,7 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
     item_keys = pd.Index(item_all.index)
     items = None
     if spec.items is not None:
-        items = _read_small_table(spec, spec.items, ["item", "category", "shop", "image"])
+        items = _read_small_table(spec, spec.items, ["item", "category", "shop", "image"], spec.item_attributes)
         items["item"] = _align_key(items["item"], good._meta["item"])
         dup = int(items["item"].duplicated().sum())
         items = items.dropna(subset=["item"]).drop_duplicates("item", keep="first")
@@ -472,6 +472,10 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
                 counts = train_counts.groupby(attrs[logical].to_numpy()).sum()
                 vocabs[name] = build_vocab(counts[counts > 0], cfg.min_count)
                 item_table[name] = encode(attrs[logical], vocabs[name])
+        for name in spec.item_attributes:  # extra categorical item columns, each its own vocabulary
+            counts = train_counts.groupby(attrs[name].to_numpy()).sum()
+            vocabs[name] = build_vocab(counts[counts > 0], cfg.min_count)
+            item_table[name] = encode(attrs[name], vocabs[name])
         if "image" in attrs.columns and spec.images_dir is not None:
             keys = attrs["image"].astype("string")
             counts = train_counts.groupby(keys.to_numpy()).sum()
@@ -658,6 +662,7 @@ def _fields(vocabs: dict[str, pd.DataFrame], spec: SourceSpec, cfg: PipelineConf
     fields = [cat("user_id", "user")]
     fields += [cat(p, "user") for p in spec.user_profile if p in vocabs]
     fields += [cat(n, "ad") for n in ("item_id", "category_id", "shop_id", "image_id") if n in vocabs]
+    fields += [cat(a, "ad") for a in spec.item_attributes if a in vocabs]
     fields.append(cat("hour", "context"))
     fields += [seq(f"hist_{n}", n) for n in ("item_id", "category_id", "image_id") if n in vocabs]
     if images:

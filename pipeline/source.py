@@ -20,6 +20,11 @@ ITEM_FIELDS = ("item", "category", "shop", "image")
 USER_FIELDS = ("user",)
 TRUTH_FIELDS = ("impression_id", "p_click")
 REQUIRED_IMPRESSION_FIELDS = ("timestamp", "user", "item", "label")
+# Names the processed dataset uses itself: a profile column or item attribute may not take one.
+RESERVED_FIELD_NAMES = frozenset({
+    "impression_id", "timestamp", "label", "group_id", "cold_item", "cold", "user_id", "item_id",
+    "category_id", "shop_id", "image_id", "image_row", "hour", "ad_image", "hist_len",
+})
 
 
 @dataclass
@@ -42,6 +47,7 @@ class SourceSpec:
     truth: TableSpec | None
     timestamp_unit: str = "s"
     user_profile: tuple[str, ...] = ()
+    item_attributes: tuple[str, ...] = ()  # extra categorical item columns, like user_profile
 
     def files(self, table: TableSpec) -> list[Path]:
         return resolve_files(self.raw_dir, table.path)
@@ -64,6 +70,7 @@ class SourceSpec:
             "truth": tab(self.truth),
             "timestamp_unit": self.timestamp_unit,
             "user_profile": list(self.user_profile),
+            "item_attributes": list(self.item_attributes),
         }
 
 
@@ -172,6 +179,15 @@ def load_source(
         tables[table].columns[logical] = col  # type: ignore[union-attr]
 
     profile = tuple(us.extra.get("profile", ())) if us else ()
+    attributes = it.extra.get("attributes", []) if it else []
+    if not isinstance(attributes, list) or not all(isinstance(a, str) for a in attributes):
+        raise UserError(f"{where}: [items] attributes must be a list of column names, e.g. [\"brand\"]")
+    attributes = tuple(dict.fromkeys(attributes))
+    clash = sorted({n for n in (*profile, *attributes) if n in RESERVED_FIELD_NAMES or n.startswith("hist_")}
+                   | set(profile) & set(attributes))
+    if clash:
+        raise UserError(f"{where}: user profile / item attribute names {clash} clash with the dataset's own "
+                        "fields or with each other; rename the columns")
     unit = str(imp.extra.get("timestamp_unit", doc.get("timestamp_unit", "s")))
     if unit not in ("s", "ms", "us", "ns"):
         raise UserError(f"{where}: timestamp_unit must be one of s, ms, us, ns (got {unit!r})")
@@ -184,6 +200,7 @@ def load_source(
         truth=tr,
         timestamp_unit=unit,
         user_profile=profile,
+        item_attributes=attributes,
     )
     check_source(spec)
     return spec
@@ -228,6 +245,13 @@ def check_source(spec: SourceSpec) -> None:
             for prof in spec.user_profile:
                 if prof not in cols:
                     raise UserError(f"{files[0]}: user profile column {prof!r} not found (columns: {', '.join(sorted(cols))})")
+        if name == "items":
+            mapped = set(table.columns.values())
+            for attr in spec.item_attributes:
+                if attr not in cols:
+                    raise UserError(f"{files[0]}: item attribute column {attr!r} not found (columns: {', '.join(sorted(cols))})")
+                if attr in mapped:
+                    raise UserError(f"{files[0]}: item attribute {attr!r} is already mapped as an item field")
     missing = [f for f in REQUIRED_IMPRESSION_FIELDS if f not in spec.impressions.columns]
     if missing:
         raise UserError(f"impressions need columns for {', '.join(missing)}")

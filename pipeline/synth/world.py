@@ -18,6 +18,20 @@ star-shaped ads. The state is updated in time order and only from clicks with a 
 before the impression's (the history rule of docs/DATA.md), so equal timestamps do not see each
 other.
 
+With `--extra-fields K` every impression also carries K categorical ID fields `x000 .. x{K-1}`
+(`x{i:03d}`), made for measuring the trainer's packing of many small embedding tables (the many-field
+setting of the PICASSO paper). They are stable attributes, not per-impression draws: field i is a
+column of `users.parquet` when i is even and of `items.parquet` when i is odd, listed in
+`source.toml` as user `profile` or item `attributes`, so the pipeline gives each its own vocabulary.
+Field i has a cardinality drawn log-uniformly in [EXTRA_CARD_MIN, EXTRA_CARD_MAX] and Zipf-like
+values (exponent `--zipf` over a random ranking of its values). The first EXTRA_SIGNAL_FIELDS fields
+carry a weak signal: each value has an effect ~ N(0, EXTRA_SIGNAL_SD), centred over the users
+(items), that is added to `bias[u]` (user-side fields) or `quality[item]` (item-side fields) in the
+formula above; the others are noise. Field i comes from its own random stream, so it is the same
+for every K > i, and K = 0 writes tables and images byte-identical to those of the generator before
+the option (world.json only gains `settings.extra_fields`). The drawn parameters are in
+`truth/extra_fields.parquet`.
+
 Everything random comes from numpy Generators (PCG64) derived from the seed and a purpose name, so
 the same config gives byte-identical tables and images. The output layout is the raw source of
 docs/DATA.md ("What `vitrine generate` writes").
@@ -65,6 +79,10 @@ P_TARGETED = 0.30  # share of impressions drawn from the user's liked categories
 P_EXPLORE = 0.05  # share drawn uniformly among the items available that day
 P_DUP_TIMESTAMP = 0.02  # share of impressions that repeat the previous timestamp of the user-day
 MAX_LIKED_CATEGORIES = 4
+EXTRA_FIELDS_MAX = 1000  # --extra-fields; names x000 .. x999
+EXTRA_CARD_MIN, EXTRA_CARD_MAX = 10, 2000  # cardinality of an extra field, log-uniform
+EXTRA_SIGNAL_FIELDS = 4  # x000 .. x003 (two user-side, two item-side) move the click probability
+EXTRA_SIGNAL_SD = 0.15  # effect of one value of a signal field on the logit ~ N(0, sd)
 GENDERS, AGE_BUCKETS = 2, 6
 
 DAY_MS = 86_400_000
@@ -87,7 +105,7 @@ label = "click"
 
 [items]
 path = "items.parquet"
-[items.columns]
+{item_attributes}[items.columns]
 item = "item_id"
 category = "category_id"
 shop = "shop_id"
@@ -95,7 +113,7 @@ image = "image"
 
 [users]
 path = "users.parquet"
-profile = ["gender", "age_bucket"]
+profile = {user_profile}
 [users.columns]
 user = "user_id"
 
@@ -143,6 +161,13 @@ class WorldConfig:
     )
     scale: float = field(
         default=1.0, metadata={"help": "multiplies users and items (10 gives about 1M impressions)"}
+    )
+    extra_fields: int = field(
+        default=0,
+        metadata={
+            "help": "extra categorical ID fields per impression (x000, x001, ...: half user-side, half "
+            "item-side; a few carry a weak signal), for measuring embedding packing; 0 = none"
+        },
     )
     seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same world"})
 
@@ -198,6 +223,9 @@ def _validate(cfg: WorldConfig) -> tuple[int, int]:
         raise bad(f"--image-size must be in [16, 1024], got {cfg.image_size}")
     if cfg.image_format not in FORMATS:
         raise bad(f"--image-format must be one of {', '.join(FORMATS)}, got {cfg.image_format!r}")
+    k = cfg.extra_fields
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (0 <= k <= EXTRA_FIELDS_MAX):
+        raise bad(f"--extra-fields must be an integer in [0, {EXTRA_FIELDS_MAX}], got {k!r}")
     return n_users, n_items
 
 
@@ -332,6 +360,60 @@ def _make_users(cfg: WorldConfig, n_users: int) -> dict[str, np.ndarray]:
         shape_mean=taste_shape.mean(axis=1),
         pattern_mean=taste_pattern.mean(axis=1),
     )
+
+
+def extra_field_name(i: int) -> str:
+    return f"x{i:03d}"
+
+
+def _make_extra(cfg: WorldConfig, n_users: int, n_items: int) -> dict[str, Any]:
+    """The --extra-fields attributes (see the module docstring): per field its side, cardinality
+    and one value per user or item; plus the logit offsets of the signal fields, per user and per item.
+
+    Field i draws from its own stream `_rng(seed, "extra_fields", i)`, so the streams of the rest of
+    the world are untouched and field i does not depend on K. Per field: O(rows + cardinality)
+    numpy work (inverse-CDF sampling), so K = 1000 costs well under a second on the default world.
+    """
+    user_cols: dict[str, np.ndarray] = {}
+    item_cols: dict[str, np.ndarray] = {}
+    user_offset = np.zeros(n_users)
+    item_offset = np.zeros(n_items)
+    rows = []
+    lo, hi = math.log(EXTRA_CARD_MIN), math.log(EXTRA_CARD_MAX)
+    for i in range(cfg.extra_fields):
+        rng = _rng(cfg.seed, "extra_fields", i)
+        name = extra_field_name(i)
+        user_side = i % 2 == 0
+        n = n_users if user_side else n_items
+        card = min(int(round(math.exp(rng.uniform(lo, hi)))), EXTRA_CARD_MAX)
+        cum = np.cumsum(_zipf_weights(card, cfg.zipf))
+        rank = np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"), card - 1)
+        values = rng.permutation(card)[rank].astype(np.int32)  # value ids do not follow frequency
+        signal = i < EXTRA_SIGNAL_FIELDS
+        if signal:  # centred over the rows, so the signal fields leave the mean logit alone
+            effect = rng.normal(0.0, EXTRA_SIGNAL_SD, size=card)[values]
+            offset = user_offset if user_side else item_offset
+            offset += effect - effect.mean()
+        (user_cols if user_side else item_cols)[name] = values
+        rows.append((name, "user" if user_side else "item", card, signal))
+    names, sides, cards, signals = (list(c) for c in zip(*rows)) if rows else ([], [], [], [])
+    info = pa.table(
+        {
+            "field": pa.array(names, pa.string()),
+            "side": pa.array(sides, pa.string()),
+            "cardinality": pa.array(cards, pa.int32()),
+            "signal": pa.array(signals, pa.bool_()),
+        }
+    )
+    return dict(user_cols=user_cols, item_cols=item_cols, user_offset=user_offset, item_offset=item_offset,
+                info=info)
+
+
+def _source_toml(user_extra: list[str], item_extra: list[str]) -> str:
+    """SOURCE_TOML, listing the extra fields as user profile columns and item attributes."""
+    attrs = f"attributes = {json.dumps(item_extra)}\n" if item_extra else ""
+    return SOURCE_TOML.format(user_profile=json.dumps(["gender", "age_bucket", *user_extra]),
+                              item_attributes=attrs)
 
 
 class _DaySampler:
@@ -537,6 +619,10 @@ def _render_batch(args: tuple) -> int:
 def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: bool) -> dict[str, Any]:
     it = _make_items(cfg, n_items)
     us = _make_users(cfg, n_users)
+    extra = _make_extra(cfg, n_users, n_items)
+    if cfg.extra_fields:  # the signal fields' effects join the item quality and the user bias
+        it["quality"] = it["quality"] + extra["item_offset"]
+        us["bias"] = us["bias"] + extra["user_offset"]
     w = _World(n_users=n_users, n_items=n_items, **it, **us)
     item_ids = np.arange(n_items, dtype=np.int64)
 
@@ -552,6 +638,7 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
                 "shop_id": pa.array(w.shop, pa.int64()),
                 "first_day": pa.array(w.first_day, pa.int32()),
                 "image": pa.array(names, pa.string()),
+                **{k: pa.array(v, pa.int32()) for k, v in extra["item_cols"].items()},
             }
         ),
         root / "items.parquet",
@@ -573,11 +660,14 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
                 "user_id": pa.array(np.arange(n_users, dtype=np.int64)),
                 "gender": pa.array(w.gender, pa.int8()),
                 "age_bucket": pa.array(w.age_bucket, pa.int8()),
+                **{k: pa.array(v, pa.int32()) for k, v in extra["user_cols"].items()},
             }
         ),
         root / "users.parquet",
     )
-    (root / "source.toml").write_text(SOURCE_TOML)
+    if cfg.extra_fields:
+        _write_table(extra["info"], root / "truth" / "extra_fields.parquet")
+    (root / "source.toml").write_text(_source_toml(list(extra["user_cols"]), list(extra["item_cols"])))
 
     report_progress(1, 4, stage="images", text=f"drawing {n_items} images")
     _render_images(cfg, w, root / "images", progress)
@@ -687,6 +777,15 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
             "patterns": list(draw.PATTERN_NAMES),
             "oracle_without_visual": "visual taste replaced by its expectation given the category; "
             "colour and shape dropped from the behaviour state",
+            **({"extra_fields": {
+                "count": cfg.extra_fields,
+                "user_side": "even i (users.parquet, source.toml users.profile)",
+                "item_side": "odd i (items.parquet, source.toml items.attributes)",
+                "cardinality_range": [EXTRA_CARD_MIN, EXTRA_CARD_MAX],
+                "signal_fields": [extra_field_name(i) for i in range(min(cfg.extra_fields, EXTRA_SIGNAL_FIELDS))],
+                "signal_sd": EXTRA_SIGNAL_SD,
+                "parameters": "truth/extra_fields.parquet",
+            }} if cfg.extra_fields else {}),
         },
     }
 
