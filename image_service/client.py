@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from image_service.descriptor import DescriptorConfig, build_head
 from image_service.service import EmbedResult, ImageService
 from vitrine.errors import UserError
+from vitrine.procs import Spawned
 
 ID_WIRE_DTYPE = torch.int32
 
@@ -318,6 +319,11 @@ class RemoteClient(_Client):
 
         self._call(server.rpc_load_state_dict, state)
 
+    def set_policy(self, name: str, workers: int = 1, threshold: int = 2, decay: float = 0.5, step: int = 0) -> int:
+        from image_service import server
+
+        return self._call(server.rpc_set_policy, name, workers, threshold, decay, step)
+
     def checkpoint(self, step: int) -> int:
         from image_service import server
 
@@ -336,7 +342,7 @@ class RemoteClient(_Client):
 
 
 # -- starting a service for one job --------------------------------------------------------------------
-class SpawnedService:
+class SpawnedService(Spawned):
     """`vitrine images serve` as this job's child process; `address` once it answers."""
 
     def __init__(self, dataset: str | Path, descriptor: DescriptorConfig, state_dir: Path,
@@ -347,53 +353,12 @@ class SpawnedService:
 
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.ready = state_dir / "ready.json"
-        self.ready.unlink(missing_ok=True)
-        self.log_path = state_dir / "service.log"
+        ready = state_dir / "ready.json"
         serve = ServeConfig(**{"port": 0, "exit_with_parent": True, **serve_options, "dataset": str(dataset),
-                               "state_dir": str(state_dir), "ready_file": str(self.ready)})
+                               "state_dir": str(state_dir), "ready_file": str(ready)})
         argv = [sys.executable, "-m", "vitrine", "images", "serve", *to_argv(serve), *to_argv(descriptor)]
-        self._log = open(self.log_path, "ab")
-        # Its own session: a stop sent to the job's process group (the dashboard's Stop) must not take
-        # the service down while the trainer still checkpoints through it; the job stops it after, and
-        # `exit_with_parent` ends it if the job dies first.
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            if self.ready.exists():
-                try:
-                    self.address = json.loads(self.ready.read_text())["address"]
-                    break
-                except (ValueError, KeyError):
-                    pass
-            if self.proc.poll() is not None:
-                raise UserError(f"the image service exited with code {self.proc.returncode} before it answered; "
-                                f"its log {self.log_path} ends with:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise UserError(f"the image service did not answer within {start_timeout_s:.0f} s; see {self.log_path}")
-            time.sleep(0.05)
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(argv, ready, state_dir / "service.log", "image service", start_timeout_s)
+        self.address = self.info["address"]
 
 
 def descriptor_from_info(info: dict[str, Any]) -> DescriptorConfig:

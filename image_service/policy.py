@@ -70,6 +70,10 @@ class UpdatePolicy:
         """Pushes held back, waiting for the rest of their step."""
         return 0
 
+    def flush(self) -> list[Update]:
+        """The updates of what is held back, before the policy is replaced."""
+        return []
+
     def describe(self) -> dict:
         return {"policy": self.name}
 
@@ -106,6 +110,11 @@ class Sync(UpdatePolicy):
 
     def pending(self) -> int:
         return sum(len(v) for v in self._held.values())
+
+    def flush(self) -> list[Update]:
+        out = [Update(*merge_pushes(held, scale=1.0 / self.n), held) for held in self._held.values()]
+        self._held = {}
+        return out
 
     def describe(self) -> dict:
         return {"policy": self.name, "workers": self.n}
@@ -151,12 +160,23 @@ class GBA(UpdatePolicy):
     def pending(self) -> int:
         return len(self._held)
 
+    def flush(self) -> list[Update]:
+        if not self._held:
+            return []
+        held, self._held = self._held, []
+        ids, grads = merge_pushes([Push(p.ids, p.grads * w if w != 1.0 else p.grads, p.token, p.worker)
+                                   for p, w in held], scale=1.0 / self.cfg.n)
+        self.stats.applied += len(held)
+        self.stats.updates += 1
+        self.step += 1
+        return [Update(ids, grads, [])]
+
     def describe(self) -> dict:
         return {"policy": self.name, "n": self.cfg.n, "threshold": self.cfg.threshold, "decay": self.cfg.decay,
                 **self.stats.as_dict()}
 
 
-def make_policy(name: str, workers: int = 1, threshold: int = 2, decay: float = 0.5) -> UpdatePolicy:
+def make_policy(name: str, workers: int = 1, threshold: int = 2, decay: float = 0.5, step: int = 0) -> UpdatePolicy:
     if name == "immediate":
         return Immediate()
     if name == "sync":
@@ -164,5 +184,5 @@ def make_policy(name: str, workers: int = 1, threshold: int = 2, decay: float = 
     if name == "gba":
         from vitrine.gba import GBAConfig
 
-        return GBA(GBAConfig(n=workers, threshold=threshold, decay=decay))
+        return GBA(GBAConfig(n=workers, threshold=threshold, decay=decay), step=step)
     raise ValueError(f"unknown update policy {name!r}; use immediate, sync or gba")

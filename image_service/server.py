@@ -43,6 +43,7 @@ from image_service.policy import make_policy
 from image_service.service import ImageService
 from vitrine.config import help_meta as _h
 from vitrine.errors import UserError
+from vitrine.procs import write_ready
 
 SERVICE_NAME = "images"
 RANK_KEY = "vitrine/next_rank"
@@ -234,6 +235,15 @@ def rpc_load_state_dict(state: dict[str, Any]) -> int:
     return svc.version
 
 
+@_answers_refusals
+def rpc_set_policy(name: str, workers: int, threshold: int, decay: float, step: int) -> int:
+    """Switch the head's update policy (a training job switching modes); answers the head's version."""
+    srv = _server()
+    policy = make_policy(name, workers, threshold, decay, step)
+    srv.merger.expect = workers
+    return srv.service.set_policy(policy)
+
+
 def rpc_checkpoint(step: int | None) -> int:
     return _server().save_own_checkpoint(step)
 
@@ -249,13 +259,6 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _write_ready(path: str, info: dict[str, Any]) -> None:
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, p)
 
 
 def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
@@ -290,7 +293,7 @@ def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
         + (f"resumed from {srv.state_dir / CHECKPOINT} (version {svc.version}, step {srv.checkpoint_step})"
            if resumed else f"fresh head; checkpoints go to {srv.state_dir}"))
     if cfg.ready_file:
-        _write_ready(cfg.ready_file, {"address": address, "pid": os.getpid(), "version": svc.version})
+        write_ready(cfg.ready_file, {"address": address, "pid": os.getpid(), "version": svc.version})
     sys.stdout.flush()
     parent = os.getppid()
     try:

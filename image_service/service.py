@@ -213,6 +213,15 @@ class ImageService:
             c["backward_seconds"] += time.perf_counter() - t0
         return push.done
 
+    def set_policy(self, policy: UpdatePolicy) -> int:
+        """Switch the update policy (the trainer switching modes). Pushes the old policy still holds are
+        applied first (a partial GBA batch as its sum / N), so nothing pushed is lost."""
+        with self._lock:
+            for update in self.policy.flush():
+                self._apply(update)
+            self.policy = policy
+            return self.version
+
     def _apply(self, update: Update) -> None:
         """One optimizer step of the head from an update's per-id gradients (lock held)."""
         with torch.enable_grad():

@@ -27,7 +27,7 @@ def _cfg(ds: Path, run_dir: Path, **kw) -> TrainConfig:
 
 
 def test_learns_better_than_a_constant(world_dataset, tmp_path):
-    r = train(_cfg(world_dataset, tmp_path / "run", epochs=3))
+    r = train(_cfg(world_dataset, tmp_path / "run", epochs=2))  # the tiny world overfits beyond 2
     assert r["test_auc"] > 0.55  # a constant predictor scores 0.5
     ctr = r["test_ctr"]
     constant_logloss = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))

@@ -9,16 +9,33 @@ from dataclasses import dataclass, field
 from vitrine.config import help_meta as _h
 from vitrine.errors import UserError
 
+MODES = ("single", "ar", "async", "gba", "auto")
+PS_MODES = ("async", "gba")
+MODE_CODES = {"single": 0, "ar": 1, "async": 2, "gba": 3}
+
 
 @dataclass
 class TrainConfig:
     dataset: str = field(default="data/processed/demo", metadata=_h("processed dataset directory"))
     mode: str = field(default="single", metadata=_h(
-        "single (one process) | ar (synchronous data-parallel: all-reduce over --workers processes)",
-        choices=("single", "ar")))
-    workers: int = field(default=1, metadata=_h("worker processes (ar)"))
+        "single (one process) | ar (synchronous all-reduce over --workers processes) | async (parameter "
+        "server, each gradient applied on arrival) | gba (parameter server, global-batch aggregation) | auto "
+        "(ar while the workers keep pace, gba while one straggles)", choices=MODES))
+    workers: int = field(default=1, metadata=_h("worker processes (multi-process modes)"))
+    ps_shards: int = field(default=1, metadata=_h("parameter-server shard processes (multi-process modes)"))
     straggler: str | None = field(default=None, metadata=_h(
-        "slow a worker on purpose: RANK:FACTOR, random:P:FACTOR or none (ar)"))
+        "slow a worker on purpose: RANK:FACTOR, random:P:FACTOR or none (multi-process modes)"))
+    gba_threshold: int = field(default=2, metadata=_h("gba: staleness (global steps) a gradient keeps full weight"))
+    gba_decay: float = field(default=0.5, metadata=_h("gba: weight factor per step of staleness beyond the threshold"))
+    max_staleness: int = field(default=-1, metadata=_h(
+        "PS modes: hold a token back until its batch is at most this many steps ahead of the global step "
+        "(0 = synchronous over the PS, -1 = never hold back)"))
+    auto_ratio: float = field(default=1.5, metadata=_h(
+        "auto: switch to gba when the slowest worker's step time is above this multiple of the median"))
+    switch_at: str | None = field(default=None, metadata=_h(
+        "planned switches STEP:MODE[,STEP:MODE...] (e.g. 100:gba,200:ar), for reproducible experiments"))
+    auto_patience: int = field(default=5, metadata=_h(
+        "auto: steps the ratio must stay above (or, to switch back to ar, below) the threshold"))
     global_batch: int = field(default=0, metadata=_h(
         "samples per step over all workers (0 = batch_size x workers); each worker takes its share"))
     features: str = field(default="ids+images", metadata=_h("ids | ids+ad_image | ids+behavior_images | ids+images",
@@ -84,12 +101,29 @@ class TrainConfig:
         if self.workers < 1 or self.global_batch < 0:
             raise UserError(f"--workers must be >= 1 and --global-batch >= 0 (got {self.workers}, {self.global_batch})")
         if self.mode == "single" and self.workers != 1:
-            raise UserError("--workers needs a multi-process --mode (ar); single mode is one process")
+            raise UserError("--workers needs a multi-process --mode (ar, async, gba, auto); single mode is one process")
+        for part in (self.switch_at or "").split(","):
+            if not part.strip():
+                continue
+            step, _, mode = part.strip().partition(":")
+            if not step.isdigit() or mode not in ("ar", "async", "gba"):
+                raise UserError(f"--switch-at {self.switch_at!r}: expected STEP:MODE[,STEP:MODE] with MODE ar, async "
+                                f"or gba (e.g. 100:gba,200:ar)")
+            if self.mode == "single":
+                raise UserError("--switch-at needs a multi-process --mode")
+        if self.ps_shards < 1:
+            raise UserError(f"--ps-shards must be >= 1 (got {self.ps_shards})")
+        if self.gba_threshold < 0 or not 0 <= self.gba_decay <= 1:
+            raise UserError(f"--gba-threshold must be >= 0 and --gba-decay in [0, 1] (got {self.gba_threshold}, "
+                            f"{self.gba_decay})")
+        if not self.auto_ratio > 1 or self.auto_patience < 1:
+            raise UserError(f"--auto-ratio must be > 1 and --auto-patience >= 1 (got {self.auto_ratio}, "
+                            f"{self.auto_patience})")
         if self.global_batch and self.global_batch < self.workers:
             raise UserError(f"--global-batch {self.global_batch} gives some of the {self.workers} workers no samples")
         if self.straggler:
             if self.mode == "single":
-                raise UserError("--straggler slows one worker of a multi-process --mode (ar)")
+                raise UserError("--straggler slows one worker of a multi-process --mode (ar, async, gba, auto)")
             from trainer.distributed.stragglers import Straggler
 
             Straggler.parse(self.straggler, self.workers)

@@ -2,7 +2,8 @@
 
 Generates the default world (once; reused when its settings match), processes it on a local Dask
 cluster, trains the DICM on it with the image descriptor in its own process (the AMS image service),
-says where everything went, and ends with the dashboard and the MLflow UI open on the runs (until
+trains it again with 4 workers in `auto` mode with one worker slowed 4x (all-reduce, then GBA over
+the parameter server once the straggler shows; the switch is tagged in MLflow), says where everything went, and ends with the dashboard and the MLflow UI open on the runs (until
 Ctrl-C; `--no-dashboard` to skip). Each capability Vitrine gains is added here as a step.
 """
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="Dask worker processes")
     p.add_argument("--epochs", type=int, default=8, help="training epochs (the default world is small: 8 epochs of ~74k rows)")
+    p.add_argument("--dist-workers", type=int, default=4, help="workers of the distributed (auto mode) run")
     p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
                    help="end with the dashboard (and the MLflow UI) open on the demo's runs, until Ctrl-C")
     p.add_argument("--port", type=int, default=8501, help="dashboard port (taken: any free one)")
@@ -53,13 +55,20 @@ def run_demo(args: argparse.Namespace) -> int:
 
     result = train(TrainConfig(dataset=str(out), epochs=args.epochs, seed=args.seed, image_service="spawn"))
     print(train_summary(result))
+    print(f"== 4. the same model with {args.dist_workers} workers in auto mode, worker 1 slowed 4x: all-reduce "
+          f"first, GBA over the parameter server once the straggler shows (the switch is tagged in MLflow)")
+    dist = train(TrainConfig(dataset=str(out), epochs=1, seed=args.seed, mode="auto", workers=args.dist_workers,
+                             global_batch=1024, straggler="1:4", image_service="spawn", threads=1))
+    print(train_summary(dist))
+    for step, old, new, why in dist.get("switches", []):
+        print(f"   switched {old} -> {new} at step {step}: {why}")
     print()
     print("Where to look:")
     print(f"  dataset        {out}  (manifest.json, train/ valid/ test/, images/pixels.npy)")
     print(f"  quarantine     {out / 'quarantine'}")
     print(f"  MLflow store   {tracking.tracking_uri()}")
     print(f"  MLflow runs    pipeline {manifest.get('mlflow_run_id')} (experiment {tracking.PIPELINE_EXPERIMENT}), "
-          f"training {result.get('run_id')} (experiment {tracking.TRAIN_EXPERIMENT})")
+          f"training {result.get('run_id')} and {dist.get('run_id')} (auto mode) (experiment {tracking.TRAIN_EXPERIMENT})")
     print(f"  checkpoints    {result['run_dir']}")
     if not args.dashboard:
         print(f"  MLflow UI      .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1")

@@ -57,18 +57,20 @@ class StepReport:
     stop: bool  # some worker asked to stop
     step_s: list[float]  # each worker's time for its share of the step, before the all-reduce
     straggler: tuple[float, float, float] | None  # a new straggler setting from the coordinator
+    switch: int = 0  # a mode the coordinator switches the job to after this step (MODE_CODES), 0 = none
 
 
 def all_reduce_step(model: nn.Module, ctx: DistContext, loss: float, stop: bool, step_s: float,
-                    straggler: tuple[float, float, float] | None = None) -> StepReport:
+                    straggler: tuple[float, float, float] | None = None, switch: int = 0) -> StepReport:
     """Average the gradients of every parameter over the workers, in one all-reduce that also carries
     the loss, the stop flag, each worker's step time (in its own slot, zeros elsewhere) and, from the
-    coordinator, a new straggler setting (rank or -1 for random, probability, factor)."""
+    coordinator, a new straggler setting (rank or -1 for random, probability, factor) and a mode to
+    switch to."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     dtype = grads[0].dtype
-    extra = torch.zeros(6 + ctx.world, dtype=dtype)
-    extra[0], extra[1], extra[6 + ctx.rank] = loss, float(stop), step_s * ctx.world
+    extra = torch.zeros(7 + ctx.world, dtype=dtype)
+    extra[0], extra[1], extra[7 + ctx.rank], extra[6] = loss, float(stop), step_s * ctx.world, switch * ctx.world
     if straggler is not None:  # only the coordinator sends one; x world undoes the averaging
         extra[2] = ctx.world
         extra[3:6] = torch.tensor(straggler, dtype=dtype) * ctx.world
@@ -84,7 +86,7 @@ def all_reduce_step(model: nn.Module, ctx: DistContext, loss: float, stop: bool,
         offset += n
     tail = flat[offset:].tolist()
     new = (round(tail[3]), tail[4], tail[5]) if tail[2] > 0.5 else None
-    return StepReport(tail[0], tail[1] > 0, tail[6:], new)
+    return StepReport(tail[0], tail[1] > 0, tail[7:], new, round(tail[6]))
 
 
 def shutdown() -> None:

@@ -1,18 +1,22 @@
-"""Starting a multi-process job on this machine: the image service and one process per worker.
+"""Starting a multi-process job on this machine: image service, parameter-server shards, workers.
 
-`vitrine train --mode ar --workers N` (without RANK in the environment) lands here. The launcher
-starts the job's image service (sync policy over the N workers) unless `--image-service HOST:PORT`
-names one, then N copies of the same `vitrine train` command with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT set, which is exactly what `torchrun` would give them; across machines run that command
-under torchrun yourself (docs/DISTRIBUTED.md). Rank 0 is the coordinator (logs to MLflow, evaluates,
-checkpoints); its output is the job's output, the others' goes to RUN_DIR/worker-<rank>.log. If a
-worker fails the others are stopped; SIGTERM is passed on to every worker, which stop together after
-the same step (the stop flag rides on the all-reduce).
+`vitrine train --mode ar|async|gba|auto --workers N` (without RANK in the environment) lands here.
+The launcher starts the job's image service (unless `--image-service HOST:PORT` names one) and its
+`--ps-shards` PS shards (every multi-process job has them, so any job can switch modes), all in one
+RPC group, then N copies of the same `vitrine train` command with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set, which is exactly what `torchrun` would give them, plus the PS key and the RPC
+group's address; across machines see docs/DISTRIBUTED.md. Rank 0 is the coordinator (logs to MLflow,
+evaluates, checkpoints); its output is the job's output, the others' goes to RUN_DIR/worker-<rank>.log.
+
+If rank 0 fails, or any worker fails in `ar` mode, the others are stopped. In the PS modes (async,
+gba, auto) a worker other than 0 may die and the job goes on without it (its token is lost, nothing
+waits for it). SIGTERM is passed on to every worker; they stop together after the same step.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,18 +33,32 @@ def launch(cfg, run_dir: Path) -> dict[str, Any]:
     from image_service.server import free_port
     from vitrine.config import to_argv
 
+    from trainer.train import PS_KEY_ENV, RPC_GROUP_ENV
+
     spawned = None
+    shards: list = []
     address = cfg.image_service
     if cfg.features != "ids" and cfg.image_service in ("local", "spawn"):
         # Workers are separate processes: the descriptor can only be shared as a service.
+        policy = {"async": "immediate", "gba": "gba"}.get(cfg.mode, "sync")
         spawned = SpawnedService(cfg.dataset, cfg.descriptor_config(), run_dir / "image_service",
-                                 policy="sync", workers=cfg.workers)
+                                 policy=policy, workers=cfg.workers, gba_threshold=cfg.gba_threshold,
+                                 gba_decay=cfg.gba_decay)
         address = spawned.address
+    key = secrets.token_hex(4)
     worker_cfg = replace(cfg, image_service=address, run_dir=str(run_dir))
     argv = [sys.executable, "-m", "vitrine", "train", *to_argv(worker_cfg)]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1")),
            "WORLD_SIZE": str(cfg.workers), "VITRINE_LAUNCHED": "1"}
     procs: list[subprocess.Popen] = []
+    try:
+        group = address if cfg.features != "ids" else f"127.0.0.1:{free_port('127.0.0.1')}"
+        shards = start_shards(cfg, run_dir, key, group, host_group=cfg.features == "ids")
+    except BaseException:
+        if spawned is not None:
+            spawned.stop()
+        raise
+    env.update({PS_KEY_ENV: key, RPC_GROUP_ENV: group})
     logs = []
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -61,16 +79,23 @@ def launch(cfg, run_dir: Path) -> dict[str, Any]:
                 procs.append(subprocess.Popen(argv, env=wenv, stdout=log, stderr=subprocess.STDOUT,
                                               stdin=subprocess.DEVNULL))
         failed = None
+        tolerated: set[int] = set()
         while any(p.poll() is None for p in procs):
             for rank, p in enumerate(procs):
-                if p.poll() not in (None, 0) and failed is None:
-                    failed = (rank, p.returncode)
-                    for q in procs:
-                        if q.poll() is None:
-                            q.terminate()
+                if p.poll() in (None, 0) or failed is not None or rank in tolerated:
+                    continue
+                if rank != 0 and cfg.mode in ("async", "gba", "auto"):
+                    tolerated.add(rank)  # a PS job goes on without it; rank 0 logs what was lost
+                    print(f"worker {rank} exited with code {p.returncode}; the job goes on without it "
+                          f"(its log: {run_dir / f'worker-{rank}.log'})", flush=True)
+                    continue
+                failed = (rank, p.returncode)
+                for q in procs:
+                    if q.poll() is None:
+                        q.terminate()
             time.sleep(0.1)
         if failed is None:
-            failed = next(((r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0), None)
+            failed = next(((r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0 and r not in tolerated), None)
         if failed is not None:
             rank, code = failed
             where = "above" if rank == 0 else str(run_dir / f"worker-{rank}.log")
@@ -84,8 +109,32 @@ def launch(cfg, run_dir: Path) -> dict[str, Any]:
                 p.wait()
         for log in logs:
             log.close()
+        for shard in shards:
+            shard.stop()
         if spawned is not None:
             spawned.stop()
     import json
 
     return json.loads((run_dir / "result.json").read_text())
+
+
+def start_shards(cfg, run_dir: Path, key: str, group: str, host_group: bool) -> list:
+    """The job's PS shards, shard 0 first (it hosts the RPC group when there is no image service)."""
+    from vitrine.procs import Spawned
+
+    out = []
+    try:
+        for s in range(cfg.ps_shards):
+            ready = run_dir / f"ps{s}.ready.json"
+            argv = [sys.executable, "-m", "trainer.ps.server", "--shard", str(s), "--shards", str(cfg.ps_shards),
+                    "--key", key, "--group", group, "--world", str(cfg.workers), "--optimizer", cfg.optimizer,
+                    "--lr", repr(cfg.lr), "--lr-decay", repr(cfg.lr_decay), "--lr-decay-steps", str(cfg.lr_decay_steps),
+                    "--ready-file", str(ready)]
+            if host_group and s == 0:
+                argv.append("--host-group")
+            out.append(Spawned(argv, ready, run_dir / f"ps{s}.log", f"parameter-server shard {s}", 120.0))
+    except BaseException:
+        for sh in out:
+            sh.stop()
+        raise
+    return out

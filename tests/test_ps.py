@@ -1,0 +1,198 @@
+"""The parameter-server modes: shards, tokens, GBA and async over real processes, and mode switches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+EXACT = ["--dtype", "float64", "--optimizer", "sgd", "--lr", "0.05", "--seed", "3", "--threads", "1",
+         "--no-track", "--no-progress", "--epochs", "1"]
+
+
+def _train(ds, run_dir, *args) -> dict:
+    done = subprocess.run([sys.executable, "-m", "vitrine", "train", "--dataset", str(ds), "--run-dir", str(run_dir),
+                           *EXACT, *args], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)
+
+
+# -- in-process: layout and shard rules -------------------------------------------------------------------
+def _model():
+    from trainer.features import FeatureMap
+    from trainer.model import DICM, ModelConfig
+
+    manifest = {"fields": [
+        {"name": "user_id", "kind": "categorical", "vocab": "user_id", "vocab_size": 11, "group": "user"},
+        {"name": "item_id", "kind": "categorical", "vocab": "item_id", "vocab_size": 7, "group": "ad"},
+        {"name": "hist_item_id", "kind": "sequence", "vocab": "item_id", "vocab_size": 7, "group": "behavior", "max_len": 5}]}
+    return DICM(FeatureMap.from_manifest(manifest), ModelConfig(features="ids", mlp=(8,), attention_mlp=(4,)))
+
+
+def test_layout_split_and_join_carry_model_and_adam_state_exactly():
+    from trainer.ps.layout import Layout, optimizer_state_by_name
+
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    layout = Layout.of(model, 3)
+    assert set(layout.tables) == {"embeddings.user_id.weight", "embeddings.item_id.weight"}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    state = optimizer_state_by_name(model, opt)
+    parts = layout.split(params, state)
+    # Row r of a table lives on shard r % 3; each dense tensor on exactly one shard.
+    assert parts[1]["params"]["embeddings.user_id.weight"].shape == (4, 12)  # rows 1, 4, 7, 10
+    assert torch.equal(parts[1]["params"]["embeddings.user_id.weight"][2], params["embeddings.user_id.weight"][7])
+    dense = [n for n in layout.names if n not in layout.tables]
+    assert sorted(n for p in parts for n in p["params"] if n in dense) == sorted(dense)
+    back_params, back_state = layout.join(parts)
+    for n in layout.names:
+        assert torch.equal(back_params[n], params[n]), n
+        for k, v in state[n].items():
+            assert torch.equal(back_state[n][k], v), (n, k)
+
+
+def test_shard_gba_takes_exactly_n_refuses_reused_tokens_and_decays_stale_pushes():
+    from trainer.ps.shard import ParameterShard, TokenReused
+
+    shard = ParameterShard(0, 1, optimizer="sgd", lr=1.0)
+    shard.load({"w": torch.zeros(3), "t": torch.zeros(4, 2)}, {}, tables=["t"], step=0)
+    shard.configure("gba", n=2, threshold=1, decay=0.5)
+    assert shard.push(0, 0, {"w": torch.ones(3)}, {"t": (torch.tensor([1]), torch.ones(1, 2))}) == 0
+    with pytest.raises(TokenReused):
+        shard.push(0, 0, {"w": torch.ones(3)}, {})
+    assert shard.step == 0  # one gradient of two: nothing applied yet
+    shard.push(1, 0, {"w": 3 * torch.ones(3)}, {"t": (torch.tensor([1, 2]), torch.ones(2, 2))})
+    assert shard.step == 1
+    p, _ = shard.pull({"t": torch.tensor([1, 2, 3])}, dense=True)
+    # SGD lr 1: w -= (1 + 3) / 2; row 1 got two gradients of 1 -> -(2 / 2); row 2 one -> -(1 / 2).
+    assert torch.equal(p["w"], -2 * torch.ones(3))
+    assert torch.equal(p["t"], torch.tensor([[-1.0, -1.0], [-0.5, -0.5], [0.0, 0.0]]))
+    for tok in (2, 3, 4, 5):  # two more updates from fresh tokens: step 3
+        shard.push(tok, shard.step, {"w": torch.zeros(3)}, {})
+    assert shard.step == 3
+    shard.push(6, 0, {"w": 8 * torch.ones(3)}, {})  # staleness 3, threshold 1: weight 0.5 ** 2
+    shard.push(7, 3, {"w": torch.zeros(3)}, {})
+    p, _ = shard.pull({}, dense=True)
+    assert torch.equal(p["w"], -2 * torch.ones(3) - 8 * 0.25 / 2)
+    c = shard.counters()
+    assert c["tokens_applied"] == 8 and c["tokens_decayed"] == 1 and c["gba_updates"] == 4
+    # Switching away applies a partial global batch (its sum / N), so nothing pushed is lost.
+    shard.push(8, 4, {"w": 2 * torch.ones(3)}, {})
+    assert shard.configure("idle") == 5
+    assert torch.equal(shard.pull({}, dense=True)[0]["w"], -4 * torch.ones(3))
+    with pytest.raises(ValueError, match="idle"):
+        shard.push(9, 5, {}, {})
+
+
+# -- real processes ------------------------------------------------------------------------------------------
+def test_gba_without_staleness_equals_one_process_on_the_global_batch(world_dataset, tmp_path):
+    """2 workers over the PS (tokens held back until the previous step is applied: no staleness), images
+    and ID dropout on, SGD in float64: 5 GBA updates equal one process on the 256-sample batches, the
+    model on the shards and the descriptor head on the image service (its gba policy) alike."""
+    gba = _train(world_dataset, tmp_path / "gba", "--mode", "gba", "--workers", "2", "--global-batch", "256",
+                 "--max-steps", "5", "--max-staleness", "0")
+    single = _train(world_dataset, tmp_path / "single", "--batch-size", "256", "--max-steps", "5")
+    assert gba["step"] == single["step"] == 5 and gba["phase"] == "gba"
+    for k in single["model"]:
+        assert torch.allclose(gba["model"][k], single["model"][k], rtol=0, atol=1e-6), k
+    for k in single["service"]["head"]:
+        assert torch.allclose(gba["service"]["head"][k], single["service"]["head"][k], rtol=0, atol=1e-6), k
+    assert gba["service"]["version"] == single["service"]["version"] == 5
+    log = (tmp_path / "gba" / "ps0.log").read_text()
+    assert "'tokens_applied': 10" in log and "'gba_updates': 5" in log, log
+
+
+def _children(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_a_worker_killed_mid_run_in_gba_does_not_stop_the_job(world_dataset, tmp_path):
+    """Worker 2 of 3 is SIGKILLed while the job trains; the others finish the data, the coordinator
+    finds it lost, and the job ends cleanly with its result."""
+    import psutil
+
+    run_dir = tmp_path / "kill"
+    args = [sys.executable, "-m", "vitrine", "train", "--dataset", str(world_dataset), "--run-dir", str(run_dir),
+            *EXACT, "--mode", "gba", "--workers", "3", "--global-batch", "192", "--features", "ids",
+            "--max-steps", "120", "--checkpoint-every", "5", "--lr", "0.01"]
+    job = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        victim = None
+        while victim is None:
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+            ckpt = run_dir / "checkpoint.pt"
+            if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 10:
+                for p in _children(job.pid):
+                    try:
+                        if p.environ().get("RANK") == "2" and "train" in p.cmdline():
+                            victim = p
+                    except psutil.Error:
+                        pass
+            time.sleep(0.1)
+        victim.send_signal(signal.SIGKILL)
+        out, _ = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-4000:]
+    assert "worker 2 exited with code -9" in out and "workers [2] were lost" in out, out[-4000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert 100 <= result["steps"] <= 120 and "test_auc" in result, result
+
+
+def test_switching_ar_to_gba_and_back_keeps_the_step_and_the_optimizer_state(world_dataset, tmp_path):
+    """A job started in ar is switched to gba and back through its control channel (as the dashboard
+    does). Every update of either mode counts: Adam's step counter of every parameter equals the job's
+    global step at the end, and the run records both switches."""
+    from vitrine import control, jobs
+
+    run_dir = tmp_path / "switch"
+    job = jobs.launch(["train", "--dataset", str(world_dataset), "--run-dir", str(run_dir), "--seed", "3",
+                       "--threads", "1", "--no-track", "--no-progress", "--mode", "ar", "--workers", "2",
+                       "--global-batch", "256", "--features", "ids", "--epochs", "1", "--max-steps", "60"],
+                      "train", cwd=str(ROOT))
+    deadline = time.monotonic() + 240
+
+    def wait_for(text: str) -> None:
+        while text not in jobs.get(job.id).tail(200):
+            j = jobs.get(job.id)
+            assert j.status == "running" and time.monotonic() < deadline, j.tail(60)
+            time.sleep(0.1)
+
+    while "switch" not in jobs.get(job.id).capabilities:
+        assert jobs.get(job.id).status == "running" and time.monotonic() < deadline, jobs.get(job.id).tail(60)
+        time.sleep(0.1)
+    control.send(job.id, {"cmd": "switch", "mode": "gba"})
+    wait_for("switching ar -> gba")
+    control.send(job.id, {"cmd": "switch", "mode": "ar"})
+    wait_for("switching gba -> ar")
+    while jobs.get(job.id).status == "running":
+        assert time.monotonic() < deadline, jobs.get(job.id).tail(60)
+        time.sleep(0.2)
+    assert jobs.get(job.id).exit_code == 0, jobs.get(job.id).tail(60)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert [s[1:3] for s in ckpt["switches"]] == [("ar", "gba"), ("gba", "ar")], ckpt["switches"]
+    assert ckpt["phase"] == "ar" and ckpt["switches"][0][0] < ckpt["switches"][1][0] <= ckpt["step"] <= 60
+    steps = {int(st["step"]) for st in ckpt["optimizer"]["state"].values()}
+    assert steps == {ckpt["step"]}, (steps, ckpt["step"])

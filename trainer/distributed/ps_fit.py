@@ -1,0 +1,200 @@
+"""The training loop of a parameter-server phase (async or gba), on every worker of the job.
+
+`fit_ps` opens the phase (the coordinator hands the state to the shards, everyone meets at a barrier),
+runs `PSPhase.run` and closes it the way shard 0 said: "done" (the data is used up), "stop" (asked
+through the control channel or SIGTERM) or "ar" (back to all-reduce). On worker 0 the `_Coordinator`
+hook runs after each of its steps: control channel, the auto rule, MLflow figures, valid evaluation
+at epoch ends, checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from trainer.config import MODE_CODES, PS_MODES
+from trainer.distributed.ps_phase import ratio
+from vitrine import jobs
+from vitrine.errors import UserError
+
+
+def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
+    from trainer.train import end_of_epoch, log_switches
+
+    ps = trainer.ps
+    if ps is None:
+        raise UserError(f"mode {trainer.phase} needs the job's parameter server; start the job with "
+                        f"`vitrine train --mode {trainer.phase} --workers N` (the launcher starts the shards)")
+    cfg = trainer.cfg
+    spe = len(trainer.train_loader)
+    first = trainer.epoch * spe + trainer.batch_in_epoch
+    end = min(cfg.epochs * spe, first + max(total - trainer.step, 0))
+    if trainer.is_coordinator:
+        ps.enter(trainer.phase, first, end)
+    dist.barrier()
+    ps.start(trainer.phase, first)
+    hook = _Coordinator(trainer, run_dir, logger, total, bar, spe) if trainer.is_coordinator else None
+    kind, next_batch = ps.run(hook)
+    if kind == "ar":
+        dist.barrier()  # every worker's pushes are in
+        if trainer.is_coordinator:
+            ps.client.configure("idle", trainer.ctx.world, cfg.gba_threshold, cfg.gba_decay)
+            ps._service_policy("ar")
+        dist.barrier()  # the shards are flushed
+        ps.load_from_ps()
+        trainer.epoch, trainer.batch_in_epoch = divmod(next_batch, spe)
+        if trainer.is_coordinator:
+            hook.close()
+            trainer.note_switch(trainer.phase, "ar", hook.switch_why)
+            log_switches(trainer, logger)
+        trainer.phase = "ar"
+        return "switch"
+    if not trainer.is_coordinator:
+        return "stopped" if kind == "stop" else "done"
+    lost = ps.wait_for_workers()
+    if lost:
+        print(f"workers {lost} were lost during the PS phase; their tokens' slices were dropped", flush=True)
+    ps.client.configure("idle", trainer.ctx.world, cfg.gba_threshold, cfg.gba_decay)
+    ps.load_from_ps()
+    hook.close()
+    prev_epoch = trainer.epoch
+    trainer.epoch, trainer.batch_in_epoch = divmod(next_batch, spe)
+    if trainer.epoch > prev_epoch and trainer.batch_in_epoch == 0 and len(trainer.history) < trainer.epoch:
+        end_of_epoch(trainer, logger)
+    log_switches(trainer, logger)
+    return "stopped" if kind == "stop" else "done"
+
+
+class _Coordinator:
+    """Worker 0's duties between its own steps in a PS phase."""
+
+    def __init__(self, trainer, run_dir: Path, logger, total: int, bar, spe: int):
+        self.t, self.run_dir, self.logger, self.total, self.bar, self.spe = trainer, run_dir, logger, total, bar, spe
+        self.client = trainer.ps.client
+        self.last_step = trainer.step
+        self.window_t = time.perf_counter()
+        self.samples = 0
+        self.loss_sum, self.loss_n = 0.0, 0
+        self.below = 0
+        self.asked_ar = False
+        self.switch_why = "asked"
+        self.step_s: dict[int, float] = {}
+
+    def __call__(self, tok: dict[str, Any] | None) -> None:
+        t = self.t
+        self._control()
+        rep = self.client.tokens("report")
+        self.samples += rep["samples"]
+        if rep["loss"] is not None:
+            self.loss_sum, self.loss_n = self.loss_sum + rep["loss"], self.loss_n + 1
+        self.step_s = {int(r): v for r, v in rep["step_s"].items()}
+        step = int(rep["step"])
+        while t.planned and step >= t.planned[0][0] and not self.asked_ar:
+            at, mode = t.planned.pop(0)
+            if mode == "ar":
+                self._ask_ar(f"planned at step {at} (--switch-at)")
+            elif mode != t.phase:
+                t.ps.set_mode(mode)
+                t.note_switch(t.phase, mode, f"planned at step {at} (--switch-at)")
+                t.phase = mode
+        if t.auto and t.phase == "gba" and not self.asked_ar:
+            r = ratio(self.step_s, rep["lost"])
+            self.below = self.below + 1 if r < t.cfg.auto_ratio else 0
+            if self.below >= t.cfg.auto_patience and not rep["lost"]:
+                self._ask_ar(f"auto: slowest/median {r:.1f} < {t.cfg.auto_ratio} for {t.cfg.auto_patience} steps")
+        if step != self.last_step:
+            crossed = lambda every: step // every != self.last_step // every  # noqa: E731
+            t.step = step
+            if crossed(t.cfg.log_every):
+                self._log(step, rep)
+            if self.bar is not None:
+                self.bar.update(step - self.last_step)
+            jobs.report_progress(step, self.total, epoch=t.epoch)
+            if crossed(t.cfg.checkpoint_every):
+                self._checkpoint(rep)
+            self.last_step = step
+        if tok is not None and int(tok["batch"]) // self.spe > t.epoch:
+            from trainer.train import end_of_epoch
+
+            t.ps.load_from_ps()
+            t.epoch, t.batch_in_epoch = divmod(int(tok["batch"]), self.spe)
+            end_of_epoch(t, self.logger)
+
+    def _ask_ar(self, why: str) -> None:
+        self.client.tokens("set_command", "ar")
+        self.asked_ar = True
+        self.switch_why = why
+
+    def _control(self) -> None:
+        t = self.t
+        if t._stop_pending:
+            self.client.tokens("set_command", "stop")
+        if t.control is None:
+            return
+        from trainer.distributed.stragglers import Straggler
+
+        for cmd in t.control.poll():
+            c = cmd.get("cmd")
+            if c == "stop":
+                t.request_stop()
+                self.client.tokens("set_command", "stop")
+            elif c == "straggler":
+                try:
+                    t.straggler = Straggler.parse(cmd["spec"], t.ctx.world)
+                except UserError as exc:
+                    print(f"control: ignored {cmd}: {exc}", flush=True)
+                    continue
+                self.client.tokens("set_straggler", t.straggler.as_tuple())
+            elif c == "switch":
+                mode = cmd["mode"]
+                t.auto = mode == "auto"
+                self.below = 0
+                if mode == "ar":
+                    lost = self.client.tokens("report")["lost"]
+                    if lost:
+                        print(f"control: switch to ar refused: workers {lost} are lost", flush=True)
+                    else:
+                        self._ask_ar("asked")
+                elif mode in PS_MODES and mode != t.phase:
+                    t.ps.set_mode(mode)
+                    t.note_switch(t.phase, mode, "asked")
+                    t.phase = mode
+
+    def _log(self, step: int, rep: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        sps = self.samples / max(now - self.window_t, 1e-9)
+        loss = self.loss_sum / self.loss_n if self.loss_n else float("nan")
+        self.window_t, self.samples, self.loss_sum, self.loss_n = now, 0, 0.0, 0
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:,.0f}")
+        if self.logger is None:
+            return
+        t = self.t
+        m: dict[str, float] = {"loss": loss, "samples_per_s": sps, "lr": t.cfg.lr * t.cfg.lr_decay ** (step // t.cfg.lr_decay_steps),
+                               "mode_code": float(MODE_CODES[t.phase]), "tokens_issued": float(rep["issued"]),
+                               "workers_lost": float(len(rep["lost"]))}
+        m.update({f"worker_step_s_{r}": v for r, v in self.step_s.items()})
+        shard0 = self.client.counters()[0]
+        for k in ("tokens_applied", "tokens_decayed", "tokens_dropped", "staleness_p50", "staleness_p90", "staleness_p99"):
+            if k in shard0:
+                m[k] = float(shard0[k])
+        if t.service is not None:
+            m.update(t.service.meter.summary())
+        self.logger.log_metrics({k: v for k, v in m.items() if v == v}, step=step)
+
+    def _checkpoint(self, rep: dict[str, Any]) -> None:
+        t = self.t
+        t.ps.load_from_ps()
+        # The checkpoint resumes after the batches handed out so far (those still in flight are not in
+        # the state it holds: a resumed run does not see them; an asynchronous system's usual trade).
+        here = (t.epoch, t.batch_in_epoch)
+        t.epoch, t.batch_in_epoch = divmod(int(rep["next_batch"]), self.spe)
+        t.save_checkpoint(self.run_dir)
+        t.epoch, t.batch_in_epoch = here
+
+    def close(self) -> None:
+        rep = self.client.tokens("report")
+        self._log(self.t.step, rep)

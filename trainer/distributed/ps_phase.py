@@ -1,0 +1,208 @@
+"""A worker's loop in the parameter-server modes (async, gba), and the switches into and out of them.
+
+Every step: take a token from shard 0 (it names a slice of a global batch and carries the global
+step), pull the rows of the embedding tables the slice touches and the dense tensors, run forward and
+backward on the local replica, push the image-embedding gradients to the image service (same token)
+and the rest to the shards, and go on without waiting for the update (GBA's non-blocking worker).
+
+Worker 0 is also the coordinator: between its own steps it reads the control channel, logs the job's
+figures to MLflow, evaluates at epoch ends, checkpoints, and in `auto` mode decides when the cluster
+is healthy enough to go back to all-reduce. Switches:
+
+- into a PS mode (from all-reduce, at a step every worker agreed on): the coordinator loads its model
+  and optimizer state into the shards (split by `trainer.ps.layout`), then every worker meets it at a
+  barrier and starts taking tokens where the all-reduce phase stopped;
+- between async and gba: the shards and the image service change policy in place;
+- back to all-reduce: shard 0 answers "ar" instead of a token; each worker waits for its pushes, all
+  meet at a barrier, the coordinator flushes the shards (a partial global batch is applied), and every
+  worker reads the whole state back. Not possible once a worker is lost (the all-reduce needs all).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer.config import MODE_CODES
+from trainer.distributed import allreduce
+from trainer.distributed.allreduce import DistContext
+from trainer.images import image_inputs
+from trainer.ps.client import PSClient
+from trainer.ps.layout import Layout, load_optimizer_state_by_name, optimizer_state_by_name
+from trainer.ps.tokens import slowest_over_median
+
+if TYPE_CHECKING:
+    from trainer.train import Trainer
+
+
+class PSPhase:
+    def __init__(self, trainer: "Trainer", key: str, rpc_name: str):
+        self.t = trainer
+        assert trainer.ctx is not None
+        self.ctx = trainer.ctx
+        self.rpc_name = rpc_name
+        self.layout = Layout.of(trainer.model, trainer.cfg.ps_shards)
+        self.client = PSClient(key, self.layout)
+        self.params = dict(trainer.model.named_parameters())
+        self.dense_names = [n for n in self.layout.names if not self.layout.is_table(n)]
+        # The batch fields that read each table (categorical and sequence fields naming its vocabulary).
+        self.fields: dict[str, list[str]] = {}
+        for f in trainer.fmap.categorical + trainer.fmap.sequences:
+            name = f"embeddings.{f.vocab.replace('.', '_')}.weight"
+            self.fields.setdefault(name, []).append(f.name)
+        self.mode = "gba"
+        self._it = None
+        self._pos = 0
+        self.lost: list[int] = []
+
+    # -- the coordinator's switches ------------------------------------------------------------------
+    def enter(self, mode: str, first_batch: int, end_batch: int) -> None:
+        """Coordinator: hand the model and optimizer state to the shards and open the token book."""
+        t, cfg = self.t, self.t.cfg
+        params = {n: p.detach() for n, p in t.model.named_parameters()}
+        self.client.load(params, optimizer_state_by_name(t.model, t.opt), t.step)
+        self.client.configure(mode, self.ctx.world, cfg.gba_threshold, cfg.gba_decay, t.step)
+        self.client.tokens("start", t.step, first_batch, end_batch, self.ctx.world, cfg.max_staleness,
+                           t.straggler.as_tuple())
+        self._service_policy(mode)
+
+    def set_mode(self, mode: str) -> None:
+        """Coordinator: async <-> gba in place."""
+        cfg = self.t.cfg
+        step = self.client.configure(mode, self.ctx.world, cfg.gba_threshold, cfg.gba_decay)
+        self._service_policy(mode, step)
+
+    def _service_policy(self, mode: str, step: int | None = None) -> None:
+        t, cfg = self.t, self.t.cfg
+        if t.service is None:
+            return
+        name = {"ar": "sync", "gba": "gba", "async": "immediate"}[mode]
+        t.service.set_policy(name, self.ctx.world, cfg.gba_threshold, cfg.gba_decay, t.step if step is None else step)
+
+    def start(self, mode: str, first_batch: int) -> None:
+        """Every worker, after the entry barrier."""
+        self.mode = mode
+        self._it = None
+        self._pos = first_batch
+
+    def leave_to_ar(self) -> None:
+        """Every worker: after the exit barrier (the coordinator flushed the shards), read the state back."""
+        self.load_from_ps()
+        self.t.service_policy_for_ar = True
+
+    def load_from_ps(self) -> None:
+        params, state, step = self.client.export()
+        t = self.t
+        with torch.no_grad():
+            for n, p in t.model.named_parameters():
+                p.copy_(params[n])
+        load_optimizer_state_by_name(t.model, t.opt, state)
+        t.set_step(step)
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _global_batch(self, G: int) -> dict[str, torch.Tensor]:
+        """Global batch number G (epoch * steps per epoch + batch), ID dropout applied. Tokens come in
+        increasing order, so the worker walks the epoch's batches forward, skipping what others took."""
+        spe = len(self.t.train_loader)
+        if G < self._pos:
+            self._it, self._pos = None, G
+        while True:
+            if self._it is None:
+                self._it = iter(self.t.train_loader.epoch(self._pos // spe, skip_batches=self._pos % spe))
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it, self._pos = None, (self._pos // spe + 1) * spe
+                continue
+            pos, self._pos = self._pos, self._pos + 1
+            if pos == G:
+                return self.t.drop_ad_ids(batch, G)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(self, tok: dict[str, Any]) -> tuple[float, int]:
+        t = self.t
+        t0 = time.perf_counter()
+        gb = self._global_batch(int(tok["batch"]))
+        batch, share = allreduce.shard(gb, DistContext(int(tok["slice"]), self.ctx.world))
+        ids = {}
+        for name, fields in self.fields.items():
+            ids[name] = torch.unique(torch.cat([batch[f].reshape(-1) for f in fields]))
+        pulled = self.client.pull(ids, min_step=int(tok["step"]))
+        with torch.no_grad():
+            for name, rows in ids.items():
+                self.params[name][rows] = pulled[name]
+            for name in self.dense_names:
+                self.params[name].copy_(pulled[name])
+        t.model.train()
+        img = image_inputs(batch, t.service, t.model.uses_ad_image, t.model.uses_hist_images, train=True)
+        logits = t.model(batch, img.ad, img.hist)
+        loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype)) * share
+        t.model.zero_grad(set_to_none=True)
+        loss.backward()
+        straggler = t.straggler.from_tuple(tuple(tok["straggler"]))
+        pause = straggler.delay(self.ctx.rank, int(tok["id"]), self.ctx.world, time.perf_counter() - t0, t.cfg.seed)
+        if pause:
+            time.sleep(pause)
+        # The image service first: when shard 0 completes a global step, the head's step is in too.
+        img.push_gradients(t.service, token=int(tok["step"]))
+        dense = {n: (self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n]))
+                 for n in self.dense_names}
+        sparse = {name: (rows, self.params[name].grad[rows] if self.params[name].grad is not None
+                         else torch.zeros((rows.numel(), self.params[name].shape[1]), dtype=self.params[name].dtype))
+                  for name, rows in ids.items()}
+        self.client.push(int(tok["id"]), int(tok["step"]), dense, sparse)
+        n = int(batch["label"].shape[0])
+        if t.service is not None:
+            t.service.count_samples(n)
+        self.last_step_s = time.perf_counter() - t0
+        return float(loss.detach()) / share, n
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self, coordinator_hook) -> tuple[str, int]:
+        """Train on tokens until shard 0 says otherwise: ("done" | "stop" | "ar", next global batch).
+        `coordinator_hook(tok)` runs on worker 0 after each of its steps."""
+        loss, n, step_s = None, 0, 0.0
+        while True:
+            ans = self.client.tokens("request", self.ctx.rank, self.rpc_name, step_s, loss, n)
+            kind = ans["kind"]
+            if kind == "wait":
+                loss = None
+                if self.ctx.is_coordinator:
+                    coordinator_hook(None)
+                continue
+            if kind != "token":
+                self.client.wait_pushes()
+                self.client.tokens("finish", self.ctx.rank)
+                return kind, int(ans["batch"])
+            loss, n = self.step(ans)
+            step_s = self.last_step_s
+            if len(self.client.pushes) > 64:  # keep the list short; they completed long ago
+                self.client.pushes = [f for f in self.client.pushes if not f.done()]
+            if self.ctx.is_coordinator:
+                coordinator_hook(ans)
+
+    def wait_for_workers(self, poll_s: float = 0.2, check_every_s: float = 5.0) -> list[int]:
+        """Coordinator, after its own "done"/"stop"/"ar": until every other worker has finished its step
+        or is lost (does not answer a ping). Returns the lost ranks."""
+        last_check = time.monotonic()
+        while True:
+            rep = self.client.tokens("report")
+            gone = set(rep["done"]) | set(rep["lost"])
+            if len(gone) >= self.ctx.world:
+                self.lost = sorted(rep["lost"])
+                return self.lost
+            if time.monotonic() - last_check > check_every_s:
+                self.client.check_workers()
+                last_check = time.monotonic()
+            time.sleep(poll_s)
+
+
+def ratio(step_s: dict[int, float], exclude: list[int]) -> float:
+    return slowest_over_median([v for r, v in step_s.items() if int(r) not in exclude])
+
+
+__all__ = ["PSPhase", "ratio", "MODE_CODES", "dist"]

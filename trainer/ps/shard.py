@@ -1,0 +1,175 @@
+"""One parameter-server shard: its slice of the model, its optimizer, and when it applies gradients.
+
+Modes (`configure`):
+- `async`: every push is applied at once, with the same optimizer and learning rate as synchronous
+  training (the plain asynchronous PS baseline). The global step advances once per N pushes, so the
+  learning-rate schedule and the staleness figures stay in global batches.
+- `gba`: the GBA rules of `vitrine.gba`: a push's staleness is this shard's step minus the step its
+  token was stamped with; its weight is 1 up to the threshold and decays beyond; exactly N pushes
+  that still count make one update, dense gradients and sparse rows summed with their weights and
+  divided by N. Pushes never wait for the update (the worker goes on at once).
+- `idle`: holds the state, refuses pushes (all-reduce phases, before the job starts).
+
+Every update is one dense optimizer step over the whole shard: untouched rows get a zero gradient,
+exactly as the all-reduce mode's dense gradients give them, so Adam's moments (and therefore the
+model) evolve the same way in every mode, and a switch needs no re-tuning.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vitrine.gba import GBAConfig, Stats
+
+MODES = ("idle", "async", "gba")
+
+
+class TokenReused(ValueError):
+    pass
+
+
+class ParameterShard:
+    def __init__(self, shard: int, shards: int, optimizer: str = "adam", lr: float = 1e-3, lr_decay: float = 1.0,
+                 lr_decay_steps: int = 1 << 62):
+        self.shard, self.shards = shard, shards
+        self.optimizer, self.lr, self.lr_decay, self.lr_decay_steps = optimizer, lr, lr_decay, lr_decay_steps
+        self.cond = threading.Condition()
+        self.params: dict[str, Tensor] = {}
+        self.tables: set[str] = set()
+        self.opt: torch.optim.Optimizer | None = None
+        self.mode = "idle"
+        self.step = 0  # global steps applied
+        self.gba = GBAConfig(n=1)
+        self.stats = Stats()
+        self.pushes = 0  # accepted since the mode started (async: the step advances every N)
+        self._buffer: list[tuple[float, dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]] = []
+        self._seen: set[int] = set()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- state --------------------------------------------------------------------------------------
+    def load(self, params: dict[str, Tensor], state: dict[str, dict[str, Any]], tables: list[str], step: int) -> None:
+        with self.cond:
+            self.params = {n: t.detach().clone().requires_grad_(True) for n, t in params.items()}
+            self.tables = set(tables) & set(params)
+            plist = list(self.params.values())
+            self.opt = (torch.optim.Adam(plist, lr=self.lr) if self.optimizer == "adam"
+                        else torch.optim.SGD(plist, lr=self.lr))
+            for name, st in state.items():
+                if st:
+                    self.opt.state[self.params[name]] = {k: (v.clone() if isinstance(v, Tensor) else v)
+                                                         for k, v in st.items()}
+            self.step = int(step)
+            self.cond.notify_all()
+
+    def export(self) -> dict[str, Any]:
+        """A consistent snapshot of this shard: params, optimizer state by name, step."""
+        with self.cond:
+            assert self.opt is not None, "shard holds no state yet"
+            state = {n: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.opt.state.get(p, {}).items()}
+                     for n, p in self.params.items()}
+            return {"params": {n: p.detach().clone() for n, p in self.params.items()}, "state": state,
+                    "step": self.step}
+
+    def configure(self, mode: str, n: int = 1, threshold: int = 2, decay: float = 0.5,
+                  step: int | None = None) -> int:
+        """Enter a mode; a partial GBA batch still buffered is applied first (its sum divided by N, as if
+        the missing gradients were zero), so nothing pushed is lost. Returns the step."""
+        if mode not in MODES:
+            raise ValueError(f"unknown PS mode {mode!r}; expected one of {MODES}")
+        with self.cond:
+            if self._buffer:
+                self._apply(self._buffer, self.gba.n)
+                self.stats.applied += len(self._buffer)
+                self.stats.updates += 1
+                self.step += 1
+                self._buffer = []
+            if step is not None:
+                self.step = int(step)
+            self.mode = mode
+            self.gba = GBAConfig(n=n, threshold=threshold, decay=decay)
+            self.pushes = 0
+            self.cond.notify_all()
+            return self.step
+
+    # -- the worker's calls ---------------------------------------------------------------------------
+    def pull(self, rows: dict[str, Tensor], dense: bool, min_step: int = 0, wait_s: float = 10.0
+             ) -> tuple[dict[str, Tensor], int]:
+        """Rows of tables (local ids) and, with `dense`, every dense tensor of this shard. Waits (at most
+        `wait_s`) until this shard has applied `min_step` steps, so a worker holding a token stamped
+        with step t reads parameters at least as new as t on every shard, not just on shard 0."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.step >= min_step, timeout=wait_s)
+            out = {n: self.params[n].detach()[ids] for n, ids in rows.items()}
+            if dense:
+                out.update({n: p.detach().clone() for n, p in self.params.items() if n not in self.tables})
+            self.bytes_out += sum(t.nbytes for t in out.values())
+            return out, self.step
+
+    def push(self, token: int, token_step: int, dense: dict[str, Tensor],
+             sparse: dict[str, tuple[Tensor, Tensor]]) -> int:
+        """One worker's gradient for one token. Returns its staleness (-1 when dropped)."""
+        with self.cond:
+            if self.mode == "idle":
+                raise ValueError(f"PS shard {self.shard} is idle (the job trains with all-reduce now); push refused")
+            if token in self._seen:
+                raise TokenReused(f"token {token} already pushed to shard {self.shard}; each token carries one gradient")
+            self._seen.add(token)
+            self.bytes_in += sum(t.nbytes for t in dense.values()) + sum(i.nbytes + r.nbytes for i, r in sparse.values())
+            staleness = self.step - int(token_step)
+            if self.mode == "async":
+                self.stats.staleness.append(staleness)
+                self.stats.applied += 1
+                self._apply([(1.0, dense, sparse)], 1)
+                self.pushes += 1
+                if self.pushes % self.gba.n == 0:
+                    self.step += 1
+                    self.stats.updates += 1
+                self.cond.notify_all()
+                return staleness
+            w = self.gba.weight(staleness)
+            if w <= self.gba.drop_below:
+                self.stats.dropped += 1
+                return -1
+            self.stats.staleness.append(staleness)
+            self.stats.decayed += w < 1.0
+            self._buffer.append((w, dense, sparse))
+            if len(self._buffer) >= self.gba.n:
+                batch, self._buffer = self._buffer, []
+                self._apply(batch, self.gba.n)
+                self.stats.applied += len(batch)
+                self.stats.updates += 1
+                self.step += 1
+                self.cond.notify_all()
+            return staleness
+
+    def _apply(self, contributions, divisor: int) -> None:
+        """One optimizer step on sum(weight * gradient) / divisor (the caller holds the lock)."""
+        assert self.opt is not None
+        lr = self.lr * self.lr_decay ** (self.step // self.lr_decay_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        for name, p in self.params.items():
+            grad = torch.zeros_like(p)
+            for w, dense, sparse in contributions:
+                if name in self.tables:
+                    if name in sparse:
+                        ids, rows = sparse[name]
+                        grad.index_add_(0, ids, rows if w == 1.0 else rows * w)
+                elif name in dense:
+                    grad.add_(dense[name], alpha=w)
+            if divisor != 1:
+                grad.div_(divisor)
+            p.grad = grad
+        self.opt.step()
+        for p in self.params.values():
+            p.grad = None
+
+    def counters(self) -> dict[str, Any]:
+        with self.cond:
+            return {"step": self.step, "mode": self.mode, "pending": len(self._buffer), "bytes_in": self.bytes_in,
+                    "bytes_out": self.bytes_out, **self.stats.as_dict()}

@@ -1,0 +1,152 @@
+"""Shard 0's token book: which batch each worker trains on next, stamped with the global step.
+
+In a PS mode a worker asks for a token before every local batch. A token names a slice of a global
+batch (token id k = global batch k // N, slice k % N: the same slices the all-reduce mode gives its
+N workers, in the same order) and carries the global step at which it was issued, so the shards can
+measure its staleness. Handing out data with the tokens is what lets fast workers take more batches
+than slow ones (GBA's point) while every sample is still seen once per epoch; a worker that dies
+holding a token loses that slice, nothing else (the paper's "drop the batch and take a new token").
+
+`max_staleness` >= 0 holds a token back until the global step is at most that many steps behind its
+batch: 0 gives fully synchronous behaviour over the PS (used to check that GBA equals single-process
+training exactly), larger values bounded-staleness asynchrony; -1 (default) never holds back.
+
+The answers also carry the commands of the coordinator: the current straggler setting, "switch to
+all-reduce" (every worker finishes its step and meets the others at a barrier), "stop" and "done"
+(the data is used up).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.ps.shard import ParameterShard
+
+
+@dataclass
+class WorkerView:
+    name: str = ""
+    step_s: float = 0.0  # the last local step's time (compute and straggler pause, not waiting)
+    steps: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    holding: int | None = None
+
+
+class TokenBook:
+    def __init__(self, shard0: ParameterShard, world: int):
+        self.shard = shard0
+        self.cond = shard0.cond  # the step advances under the shard's lock; waiting on it needs the same one
+        self.world = world
+        self.active = False
+        self.n = world
+        self.next_id = 0
+        self.end_id = 0
+        self.batch_offset = 0  # global batch number - global step when the phase started
+        self.max_staleness = -1
+        self.command: str | None = None  # "ar" (switch) | "stop"
+        self.straggler: tuple[float, float, float] = (-1.0, 0.0, 1.0)
+        self.workers: dict[int, WorkerView] = {}
+        self.done: set[int] = set()
+        self.lost: set[int] = set()
+        self.issued = 0
+
+    def start(self, step: int, first_batch: int, end_batch: int, n: int, max_staleness: int,
+              straggler: tuple[float, float, float]) -> None:
+        with self.cond:
+            self.active = True
+            self.n = n
+            self.next_id = first_batch * n
+            self.end_id = end_batch * n
+            self.batch_offset = first_batch - step
+            self.max_staleness = max_staleness
+            self.command = None
+            self.straggler = tuple(straggler)  # type: ignore[assignment]
+            self.done.clear()
+            for w in self.workers.values():
+                w.holding = None
+            self.cond.notify_all()
+
+    def next_batch(self) -> int:
+        """The first global batch not yet handed out in full (where an all-reduce phase goes on)."""
+        with self.cond:
+            return -(-self.next_id // self.n)
+
+    def set_command(self, command: str | None) -> None:
+        with self.cond:
+            self.command = command
+            self.cond.notify_all()
+
+    def set_straggler(self, straggler: tuple[float, float, float]) -> None:
+        with self.cond:
+            self.straggler = tuple(straggler)  # type: ignore[assignment]
+
+    def request(self, rank: int, name: str, step_s: float, loss: float | None, samples: int,
+                wait_s: float = 30.0) -> dict[str, Any]:
+        """A worker finished its previous batch (`step_s`, its `loss`, `samples`) and wants the next."""
+        with self.cond:
+            w = self.workers.setdefault(rank, WorkerView())
+            w.name, w.last_seen, w.holding = name, time.monotonic(), None
+            if loss is not None:
+                w.step_s, w.steps, w.samples = step_s, w.steps + 1, w.samples + samples
+                w.loss_sum, w.loss_n = w.loss_sum + loss, w.loss_n + 1
+
+            def ready() -> bool:
+                if self.command or not self.active or self.next_id >= self.end_id or self.max_staleness < 0:
+                    return True
+                return self.next_id // self.n - self.batch_offset - self.shard.step <= self.max_staleness
+
+            deadline = time.monotonic() + wait_s
+            while not ready():
+                if not self.cond.wait(timeout=max(deadline - time.monotonic(), 0.0)):
+                    return {"kind": "wait"}  # ask again (keeps RPC calls short)
+            if self.command:
+                return {"kind": self.command, "batch": -(-self.next_id // self.n)}
+            if not self.active or self.next_id >= self.end_id:
+                return {"kind": "done", "batch": -(-self.next_id // self.n)}
+            tok = self.next_id
+            self.next_id += 1
+            self.issued += 1
+            w.holding = tok
+            return {"kind": "token", "id": tok, "step": self.shard.step, "batch": tok // self.n, "slice": tok % self.n,
+                    "straggler": self.straggler}
+
+    def finish(self, rank: int) -> None:
+        with self.cond:
+            self.done.add(rank)
+            if rank in self.workers:
+                self.workers[rank].holding = None
+            self.cond.notify_all()
+
+    def mark_lost(self, rank: int) -> None:
+        with self.cond:
+            self.lost.add(rank)
+            self.cond.notify_all()
+
+    def report(self) -> dict[str, Any]:
+        """What the coordinator logs: per-worker step times, the mean loss and samples since the last report."""
+        with self.cond:
+            out: dict[str, Any] = {"step": self.shard.step, "issued": self.issued, "done": sorted(self.done),
+                                   "lost": sorted(self.lost), "next_batch": -(-self.next_id // self.n),
+                                   "step_s": {r: w.step_s for r, w in self.workers.items()},
+                                   "names": {r: w.name for r, w in self.workers.items()}}
+            n = sum(w.loss_n for w in self.workers.values())
+            out["loss"] = sum(w.loss_sum for w in self.workers.values()) / n if n else None
+            out["samples"] = sum(w.samples for w in self.workers.values())
+            for w in self.workers.values():
+                w.loss_sum, w.loss_n, w.samples = 0.0, 0, 0
+            return out
+
+
+def slowest_over_median(step_s: list[float]) -> float:
+    """How many times the slowest worker's step time is the median's (1.0 with fewer than 2 workers)."""
+    times = [t for t in step_s if t > 0]
+    if len(times) < 2:
+        return 1.0
+    med = statistics.median(times)
+    return max(times) / med if med > 0 else 1.0
