@@ -134,7 +134,7 @@ def test_a_worker_killed_mid_run_in_gba_does_not_stop_the_job(world_dataset, tmp
     run_dir = tmp_path / "kill"
     args = [sys.executable, "-m", "vitrine", "train", "--dataset", str(world_dataset), "--run-dir", str(run_dir),
             *EXACT, "--mode", "gba", "--workers", "3", "--global-batch", "192", "--features", "ids",
-            "--max-steps", "120", "--checkpoint-every", "5", "--lr", "0.01"]
+            "--epochs", "4", "--max-steps", "100", "--checkpoint-every", "5", "--lr", "0.01"]
     job = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -158,7 +158,7 @@ def test_a_worker_killed_mid_run_in_gba_does_not_stop_the_job(world_dataset, tmp
     assert job.returncode == 0, out[-4000:]
     assert "worker 2 exited with code -9" in out and "workers [2] were lost" in out, out[-4000:]
     result = json.loads((run_dir / "result.json").read_text())
-    assert 100 <= result["steps"] <= 120 and "test_auc" in result, result
+    assert 80 <= result["steps"] <= 100 and "test_auc" in result, result
 
 
 def test_switching_ar_to_gba_and_back_keeps_the_step_and_the_optimizer_state(world_dataset, tmp_path):

@@ -116,7 +116,7 @@ class PSPhase:
             try:
                 batch = next(self._it)
             except StopIteration:
-                self._it, self._pos = None, (self._pos // spe + 1) * spe
+                self._it, self._pos = None, -(-self._pos // spe) * spe  # the next epoch's first batch
                 continue
             pos, self._pos = self._pos, self._pos + 1
             if pos == G:
