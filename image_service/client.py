@@ -96,8 +96,11 @@ class _Client:
     def _embed_unique(self, ids: Tensor, occurrences: int) -> tuple[Tensor, int]:
         raise NotImplementedError
 
-    def _push(self, ids: Tensor, grads: Tensor, token: int | None) -> int:
+    def _push(self, ids: Tensor, grads: Tensor, token: int | None, wait: bool = True) -> int:
         raise NotImplementedError
+
+    def wait_pushes(self) -> None:
+        """Block until every push sent with `wait=False` has been received (remote clients)."""
 
     def embed(self, image_ids: Any, train: bool = True) -> EmbedResult:
         unique, inverse, n = _dedup(image_ids)
@@ -116,9 +119,10 @@ class _Client:
             m.plain_trunk_bytes += unique.numel() * self.trunk_dim * 4
         return EmbedResult(emb, inverse, unique, version)
 
-    def backward(self, unique_ids: Tensor, grads: Tensor, token: int | None = None) -> int:
+    def backward(self, unique_ids: Tensor, grads: Tensor, token: int | None = None, wait: bool = True) -> int:
         """Push d(loss)/d(embedding) for `unique_ids` (as returned by `embed`); returns the version
-        of the head after the step that used it."""
+        of the head after the step that used it, or -1 with `wait=False` (the asynchronous modes:
+        the worker goes on while the service applies it; `wait_pushes` drains them)."""
         unique, inverse, n = _dedup(unique_ids)
         if n != unique.numel():  # repeats: sum them here, the wire carries one row per image
             summed = torch.zeros((unique.numel(), grads.shape[1]), dtype=grads.dtype)
@@ -126,7 +130,7 @@ class _Client:
         wire = unique.to(ID_WIRE_DTYPE)
         grads = grads.detach().contiguous()
         t0 = time.perf_counter()
-        version = self._push(wire, grads, token)
+        version = self._push(wire, grads, token, wait)
         m = self.meter
         m.backward_s += time.perf_counter() - t0
         m.backward_calls += 1
@@ -165,7 +169,7 @@ class LocalClient(_Client):
         self.service.count_embed(ids.nbytes, emb.nbytes, occurrences, time.perf_counter() - t0)
         return emb, version
 
-    def _push(self, ids: Tensor, grads: Tensor, token: int | None) -> int:
+    def _push(self, ids: Tensor, grads: Tensor, token: int | None, wait: bool = True) -> int:
         return self.service.backward(ids, grads, token=token, wire_bytes=ids.nbytes + grads.nbytes).wait()
 
     @property
@@ -304,10 +308,29 @@ class RemoteClient(_Client):
 
         return self._call(server.rpc_embed, ids, occurrences)
 
-    def _push(self, ids: Tensor, grads: Tensor, token: int | None) -> int:
+    def _push(self, ids: Tensor, grads: Tensor, token: int | None, wait: bool = True) -> int:
         from image_service import server
 
-        return self._call(server.rpc_backward, ids, grads, token, self.rank)
+        if wait:
+            return self._call(server.rpc_backward, ids, grads, token, self.rank)
+        import torch.distributed.rpc as rpc
+
+        from image_service.server import SERVICE_NAME
+
+        self._pending = [f for f in getattr(self, "_pending", []) if not f.done()]
+        self._pending.append(rpc.rpc_async(SERVICE_NAME, server.rpc_backward, args=(ids, grads, token, self.rank)))
+        return -1
+
+    def wait_pushes(self) -> None:
+        for f in getattr(self, "_pending", []):
+            try:
+                out = f.wait()
+            except Exception as exc:
+                raise ImageServiceUnavailable(f"the image service at {self.address} stopped answering "
+                                              f"({str(exc).splitlines()[0]})") from None
+            if isinstance(out, dict) and "__refused__" in out:
+                raise _REFUSALS.get(out["__refused__"], UserError)(out["message"])
+        self._pending = []
 
     def state_dict(self) -> dict[str, Any]:
         from image_service import server

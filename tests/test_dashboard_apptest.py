@@ -441,7 +441,9 @@ def test_data_shows_the_manifest_samples_and_a_models_predictions(at_world):
     assert not at.exception, [e.value for e in at.exception]
     preds = [m for m in texts(at.markdown) if "predicted CTR" in m]
     assert len(preds) == 6
-    assert all(0 < float(p.split("predicted CTR **")[1].split("**")[0]) < 1 for p in preds)
+    ctr = [float(p.split("predicted CTR **")[1].split("**")[0]) for p in preds]
+    # Probabilities, shown to 3 decimals (a tiny one-epoch model may well show 0.000 for one sample).
+    assert all(0 <= c <= 1 for c in ctr) and any(0 < c < 1 for c in ctr), preds
 
 
 def test_images_maps_the_descriptors_embeddings(at_world):

@@ -196,3 +196,40 @@ def test_switching_ar_to_gba_and_back_keeps_the_step_and_the_optimizer_state(wor
     assert ckpt["phase"] == "ar" and ckpt["switches"][0][0] < ckpt["switches"][1][0] <= ckpt["step"] <= 60
     steps = {int(st["step"]) for st in ckpt["optimizer"]["state"].values()}
     assert steps == {ckpt["step"]}, (steps, ckpt["step"])
+
+
+def test_two_torchrun_groups_stand_in_for_two_machines(world_dataset, tmp_path):
+    """The across-machines recipe of docs/DISTRIBUTED.md on one machine: an image service and a PS shard
+    started by hand, then one `torchrun --nnodes 2` per "machine" (node rank 0 and 1, one worker each)
+    running the same `vitrine train` entry point in gba mode. Without staleness it equals one process."""
+    from image_service.client import SpawnedService
+    from image_service.server import free_port
+    from trainer.config import TrainConfig
+    from trainer.distributed.launch import start_shards
+
+    cfg = TrainConfig(dataset=str(world_dataset), mode="gba", workers=2, optimizer="sgd", lr=0.05, seed=3,
+                      dtype="float64")
+    service = SpawnedService(world_dataset, cfg.descriptor_config(), tmp_path / "service", policy="gba", workers=2)
+    shards = []
+    try:
+        shards = start_shards(cfg, tmp_path, "tr1", service.address, host_group=False)
+        port = free_port("127.0.0.1")
+        env = {**_env(), "VITRINE_PS_KEY": "tr1", "VITRINE_RPC_GROUP": service.address}
+        nodes = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "-m", "vitrine", "train", "--dataset", str(world_dataset), "--run-dir", str(tmp_path / "run"), *EXACT,
+             "--mode", "gba", "--workers", "2", "--global-batch", "256", "--max-steps", "4", "--max-staleness", "0",
+             "--image-service", service.address],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+        outs = [p.communicate(timeout=300)[0] for p in nodes]
+        assert [p.returncode for p in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    finally:
+        for s in shards:
+            s.stop()
+        service.stop()
+    run = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    single = _train(world_dataset, tmp_path / "single", "--batch-size", "256", "--max-steps", "4")
+    assert run["step"] == 4
+    for k in single["model"]:
+        assert torch.allclose(run["model"][k], single["model"][k], rtol=0, atol=1e-6), k

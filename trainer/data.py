@@ -34,7 +34,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -232,17 +232,25 @@ class BatchLoader:
         """The batches of one epoch, from batch `skip_batches` on."""
         if skip_batches < 0:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
-        gen = self._shuffled(epoch, skip_batches) if self.shuffle else self._ordered(skip_batches)
-        for cols in gen:
-            yield {k: torch.from_numpy(v) for k, v in cols.items()}
+        for take in self.lazy_epoch(epoch, skip_batches):
+            yield take()
 
-    def _ordered(self, skip_batches: int) -> Iterator[Columns]:
+    def lazy_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Callable[[], dict[str, torch.Tensor]]]:
+        """The same batches, each as a function that gathers it, valid until the next one is asked for.
+        A worker that trains on one batch in N (the PS modes) walks the others without gathering them."""
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        gen = self._shuffled(epoch, skip_batches) if self.shuffle else self._ordered(skip_batches)
+        for gather in gen:
+            yield lambda g=gather: {k: torch.from_numpy(v) for k, v in g().items()}
+
+    def _ordered(self, skip_batches: int) -> Iterator[Callable[[], Columns]]:
         b = self.cfg.batch_size
         stream = _Stream(self._chunks(list(range(len(self.shards))), skip_rows=skip_batches * b))
         while (batch := stream.take(b)) is not None:
             if self.drop_last and len(batch["label"]) < b:
                 return
-            yield batch
+            yield lambda batch=batch: batch
 
     def _fill(self, stream: _Stream, capacity: int) -> tuple[Columns, int]:
         """Up to `capacity` rows of the stream, copied chunk by chunk into arrays allocated once
@@ -260,7 +268,7 @@ class BatchLoader:
             buf = {k: v[:size] for k, v in buf.items()}
         return buf, size
 
-    def _shuffled(self, epoch: int, skip_batches: int) -> Iterator[Columns]:
+    def _shuffled(self, epoch: int, skip_batches: int) -> Iterator[Callable[[], Columns]]:
         b = self.cfg.batch_size
         order = [int(i) for i in self._rng(epoch, 0).permutation(len(self.shards))]
         rng = self._rng(epoch, 1)
@@ -277,7 +285,7 @@ class BatchLoader:
             r = len(incoming["label"])
             idx = rng.choice(size, b, replace=False)
             if index >= skip_batches:
-                yield {k: v[idx] for k, v in buf.items()}
+                yield lambda idx=idx: {k: v[idx] for k, v in buf.items()}
             index += 1
             for k, v in buf.items():
                 v[idx[:r]] = incoming[k]
@@ -290,5 +298,5 @@ class BatchLoader:
             if self.drop_last and left - start < b:
                 return
             if index >= skip_batches:
-                yield {k: v[perm[start:start + b]] for k, v in buf.items()}
+                yield lambda sel=perm[start:start + b]: {k: v[sel] for k, v in buf.items()}
             index += 1

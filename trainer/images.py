@@ -23,9 +23,9 @@ class ImageInputs:
     unique_ids: Tensor | None  # (U,)
     version: int = -1
 
-    def push_gradients(self, service, token: int | None) -> None:
+    def push_gradients(self, service, token: int | None, wait: bool = True) -> None:
         if self.leaf is not None and self.leaf.grad is not None:
-            service.backward(self.unique_ids, self.leaf.grad, token=token)
+            service.backward(self.unique_ids, self.leaf.grad, token=token, wait=wait)
 
 
 def image_inputs(batch: dict[str, Tensor], service, use_ad: bool, use_hist: bool, train: bool) -> ImageInputs:

@@ -55,6 +55,7 @@ class PSPhase:
             name = f"embeddings.{f.vocab.replace('.', '_')}.weight"
             self.fields.setdefault(name, []).append(f.name)
         self.mode = "gba"
+        self.waits: dict[str, float] = {k: 0.0 for k in STAGES}  # seconds per stage, this worker
         self._it = None
         self._pos = 0
         self.lost: list[int] = []
@@ -112,26 +113,29 @@ class PSPhase:
             self._it, self._pos = None, G
         while True:
             if self._it is None:
-                self._it = iter(self.t.train_loader.epoch(self._pos // spe, skip_batches=self._pos % spe))
+                self._it = iter(self.t.train_loader.lazy_epoch(self._pos // spe, skip_batches=self._pos % spe))
             try:
-                batch = next(self._it)
+                gather = next(self._it)
             except StopIteration:
                 self._it, self._pos = None, -(-self._pos // spe) * spe  # the next epoch's first batch
                 continue
             pos, self._pos = self._pos, self._pos + 1
             if pos == G:
-                return self.t.drop_ad_ids(batch, G)
+                return self.t.drop_ad_ids(gather(), G)
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self, tok: dict[str, Any]) -> tuple[float, int]:
         t = self.t
         t0 = time.perf_counter()
+        clock = _Clock(self.waits)
         gb = self._global_batch(int(tok["batch"]))
         batch, share = allreduce.shard(gb, DistContext(int(tok["slice"]), self.ctx.world))
+        clock("data")
         ids = {}
         for name, fields in self.fields.items():
             ids[name] = torch.unique(torch.cat([batch[f].reshape(-1) for f in fields]))
         pulled = self.client.pull(ids, min_step=int(tok["step"]))
+        clock("pull")
         with torch.no_grad():
             for name, rows in ids.items():
                 self.params[name][rows] = pulled[name]
@@ -139,22 +143,29 @@ class PSPhase:
                 self.params[name].copy_(pulled[name])
         t.model.train()
         img = image_inputs(batch, t.service, t.model.uses_ad_image, t.model.uses_hist_images, train=True)
+        clock("embed")
         logits = t.model(batch, img.ad, img.hist)
         loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype)) * share
         t.model.zero_grad(set_to_none=True)
         loss.backward()
+        clock("compute")
         straggler = t.straggler.from_tuple(tuple(tok["straggler"]))
         pause = straggler.delay(self.ctx.rank, int(tok["id"]), self.ctx.world, time.perf_counter() - t0, t.cfg.seed)
         if pause:
             time.sleep(pause)
+        clock("straggler")
         # The image service first: when shard 0 completes a global step, the head's step is in too.
-        img.push_gradients(t.service, token=int(tok["step"]))
+        # Under --max-staleness the push waits (the head's step must be in before the next token);
+        # otherwise it is as non-blocking as the PS push.
+        img.push_gradients(t.service, token=int(tok["step"]), wait=t.cfg.max_staleness >= 0)
+        clock("image_push")
         dense = {n: (self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n]))
                  for n in self.dense_names}
         sparse = {name: (rows, self.params[name].grad[rows] if self.params[name].grad is not None
                          else torch.zeros((rows.numel(), self.params[name].shape[1]), dtype=self.params[name].dtype))
                   for name, rows in ids.items()}
         self.client.push(int(tok["id"]), int(tok["step"]), dense, sparse)
+        clock("push")
         n = int(batch["label"].shape[0])
         if t.service is not None:
             t.service.count_samples(n)
@@ -167,7 +178,9 @@ class PSPhase:
         `coordinator_hook(tok)` runs on worker 0 after each of its steps."""
         loss, n, step_s = None, 0, 0.0
         while True:
+            t0 = time.perf_counter()
             ans = self.client.tokens("request", self.ctx.rank, self.rpc_name, step_s, loss, n)
+            self.waits["token"] += time.perf_counter() - t0
             kind = ans["kind"]
             if kind == "wait":
                 loss = None
@@ -176,14 +189,20 @@ class PSPhase:
                 continue
             if kind != "token":
                 self.client.wait_pushes()
+                if self.t.service is not None:
+                    self.t.service.wait_pushes()
                 self.client.tokens("finish", self.ctx.rank)
+                print(f"worker {self.ctx.rank}: seconds per stage in the PS phase: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in self.waits.items()), flush=True)
                 return kind, int(ans["batch"])
             loss, n = self.step(ans)
             step_s = self.last_step_s
             if len(self.client.pushes) > 64:  # keep the list short; they completed long ago
                 self.client.pushes = [f for f in self.client.pushes if not f.done()]
             if self.ctx.is_coordinator:
+                t0 = time.perf_counter()
                 coordinator_hook(ans)
+                self.waits["coordinator"] += time.perf_counter() - t0
 
     def wait_for_workers(self, poll_s: float = 0.2, check_every_s: float = 5.0) -> list[int]:
         """Coordinator, after its own "done"/"stop"/"ar": until every other worker has finished its step
@@ -199,6 +218,22 @@ class PSPhase:
                 self.client.check_workers()
                 last_check = time.monotonic()
             time.sleep(poll_s)
+
+
+STAGES = ("token", "data", "pull", "embed", "compute", "straggler", "image_push", "push", "coordinator")
+
+
+class _Clock:
+    """Adds the time since the last call to the named stage."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into = into
+        self.last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.into[stage] += now - self.last
+        self.last = now
 
 
 def ratio(step_s: dict[int, float], exclude: list[int]) -> float:
