@@ -2,8 +2,9 @@
 
 What runs: the default synthetic world (zipf 1.05, seed 0; generated and processed once, cached under
 data/bench/ams/zipf-1.05, shared with ams_bench.py), `vitrine train` with 4 workers, global batch
-1024 (256 per worker), Adam lr 1e-3, images on (the image service in its own process), one epoch
-over the train split (`--epochs`), seed 0, one PS shard. Worker 1 is slowed 1x (no straggler), 2x
+1024 (256 per worker), Adam lr 1e-3, images on (the image service in its own process), three epochs
+over the train split (`--epochs`; after one epoch the AUC still climbs steeply, so a one-step lag
+shows as a large AUC gap that a converging run does not have), seed 0, one PS shard. Worker 1 is slowed 1x (no straggler), 2x
 and 4x (`--straggler 1:F`: it sleeps (F-1) x its own compute time each step). Modes:
 
 - `ar`: synchronous all-reduce; `async`: PS, each local gradient applied at once; `gba`: PS, N = 4
@@ -75,7 +76,7 @@ def main() -> int:
     ap.add_argument("--factors", type=float, nargs="+", default=[1, 2, 4])
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--global-batch", type=int, default=1024)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--max-steps", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="factor 4 only, 20 steps (targets still checked)")

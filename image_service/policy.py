@@ -105,6 +105,9 @@ class Sync(UpdatePolicy):
         if len(held) < self.n:
             return []
         del self._held[push.token]
+        # Summed in worker order, not arrival order: float sums depend on the order, and a step that
+        # depended on which worker came first would make a synchronous run irreproducible.
+        held.sort(key=lambda p: p.worker)
         ids, grads = merge_pushes(held, scale=1.0 / self.n)
         return [Update(ids, grads, held)]
 

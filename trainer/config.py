@@ -52,6 +52,16 @@ class TrainConfig:
     max_len: int = field(default=0, metadata=_h("behaviours per sample; 0 = the dataset's"))
     embed_dim: int = field(default=12, metadata=_h("ID embedding dimension"))
     image_dim: int = field(default=12, metadata=_h("image embedding dimension"))
+    interleave: int = field(default=0, metadata=_h(
+        "PICASSO interleaving: prepare this many batches ahead on a background thread (data; in PS modes "
+        "also their tokens, PS pulls and image embeddings) while the current one computes"))
+    cache_rows: float = field(default=0.0, metadata=_h(
+        "PS modes: cache this share of each table's hottest rows (by training frequency) on the worker"))
+    cache_staleness: int = field(default=2, metadata=_h(
+        "PS modes: global steps a cached row may be old before the cache is re-read"))
+    packing: bool = field(default=False, metadata=_h(
+        "PICASSO packing: all embedding tables in one, one lookup per forward, one PS pull per shard "
+        "(--no-packing: a table and a lookup per vocabulary, a PS pull per table and shard)"))
     mlp: tuple[int, ...] = field(default=(200, 80), metadata=_h("hidden sizes of the final MLP"))
     trunk: str = field(default="resnet18", metadata=_h("frozen CNN trunk of the descriptor", choices=("resnet18", "mobilenet_v3_small")))
     trunk_weights: str | None = field(default=None, metadata=_h("local .pth weights for the trunk (default: seeded random)"))
@@ -82,7 +92,7 @@ class TrainConfig:
         from trainer.model import ModelConfig
 
         return ModelConfig(embed_dim=self.embed_dim, mlp=self.mlp, features=self.features,
-                           aggregator=self.aggregator, image_dim=self.image_dim)
+                           aggregator=self.aggregator, image_dim=self.image_dim, packing=self.packing)
 
     def descriptor_config(self):
         from image_service.descriptor import DescriptorConfig
@@ -111,6 +121,11 @@ class TrainConfig:
                                 f"or gba (e.g. 100:gba,200:ar)")
             if self.mode == "single":
                 raise UserError("--switch-at needs a multi-process --mode")
+        if self.interleave < 0:
+            raise UserError(f"--interleave must be >= 0 (got {self.interleave})")
+        if not 0 <= self.cache_rows <= 1 or self.cache_staleness < 0:
+            raise UserError(f"--cache-rows must be in [0, 1] and --cache-staleness >= 0 (got {self.cache_rows}, "
+                            f"{self.cache_staleness})")
         if self.ps_shards < 1:
             raise UserError(f"--ps-shards must be >= 1 (got {self.ps_shards})")
         if self.gba_threshold < 0 or not 0 <= self.gba_decay <= 1:

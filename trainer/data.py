@@ -34,12 +34,14 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+T = TypeVar("T")
 
 from trainer.dataset import LIST_KINDS, Dataset
 from vitrine.errors import UserError
@@ -300,3 +302,39 @@ class BatchLoader:
             if index >= skip_batches:
                 yield lambda sel=perm[start:start + b]: {k: v[sel] for k, v in buf.items()}
             index += 1
+
+
+def prefetched(batches: Iterator[T], depth: int) -> Iterator[T]:
+    """The same items, produced up to `depth` ahead on a background thread (reading and decoding
+    overlap the training step; the order and the values are unchanged). `depth` 0: as is."""
+    if depth <= 0:
+        yield from batches
+        return
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+            q.put((done, None))
+        except BaseException as exc:
+            q.put((done, exc))
+
+    threading.Thread(target=produce, name="batch-prefetch", daemon=True).start()
+    try:
+        while True:
+            item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()

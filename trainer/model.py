@@ -53,6 +53,9 @@ class ModelConfig:
     aggregator: str = field(default="attentive", metadata={
         "help": "behaviour-image aggregation: sum | max | attentive | multi_query", "choices": AGGREGATORS})
     image_dim: int = field(default=12, metadata={"help": "dimension of the image embeddings (descriptor out_dim)"})
+    packing: bool = field(default=False, metadata={
+        "help": "one embedding table for every vocabulary (per-vocabulary row offsets) and one lookup per "
+                "forward, instead of a table and a lookup per field (PICASSO's packing)"})
 
     def __post_init__(self) -> None:
         self.mlp = tuple(int(h) for h in self.mlp)
@@ -101,9 +104,21 @@ class DICM(nn.Module):
             raise UserError("the dataset has no categorical fields for the model to embed")
         d = cfg.embed_dim
 
-        # One table per vocabulary; fields naming it share it.
+        # One table per vocabulary (fields naming it share it), or all of them packed into one: row 0
+        # is the shared padding row, vocabulary v's row i >= 1 is packed row start[v] + i - 1.
         self.embeddings = nn.ModuleDict()
-        for vocab, size in fmap.vocabs.items():
+        self.packed: nn.Embedding | None = None
+        self.start: dict[str, int] = {}
+        if cfg.packing:
+            total = 1
+            for vocab, size in fmap.vocabs.items():
+                self.start[vocab] = total
+                total += max(size - 1, 0)
+            self.packed = nn.Embedding(total, d, padding_idx=0)
+            nn.init.normal_(self.packed.weight, std=EMBED_STD)
+            with torch.no_grad():
+                self.packed.weight[0].zero_()
+        for vocab, size in ({} if cfg.packing else fmap.vocabs).items():
             k = _key(vocab)
             if k in self.embeddings:
                 raise UserError(f"vocabulary names {vocab!r} and another collide as {k!r}")
@@ -162,9 +177,39 @@ class DICM(nn.Module):
         return cats[0]
 
     def table(self, f: Field) -> nn.Embedding:
-        """The embedding table a field looks up."""
+        """The embedding table a field looks up (unpacked models)."""
         assert f.vocab is not None
         return self.embeddings[_key(f.vocab)]  # type: ignore[return-value]
+
+    def rows(self, f: Field, ids: Tensor) -> tuple[str, Tensor]:
+        """The embedding parameter a field's ids read and the rows they read in it."""
+        assert f.vocab is not None
+        return self.vocab_rows(f.vocab, ids)
+
+    def vocab_rows(self, vocab: str, ids: Tensor) -> tuple[str, Tensor]:
+        if self.packed is None:
+            return f"embeddings.{_key(vocab)}.weight", ids
+        return "packed.weight", torch.where(ids > 0, ids + (self.start[vocab] - 1), torch.zeros_like(ids))
+
+    def lookup(self, lookups: list[tuple[Field, Tensor]]) -> list[Tensor]:
+        """Embeddings of several fields' ids (any shapes): one lookup per field, or one in all when packed."""
+        if self.packed is None:
+            return [self.table(f)(ids) for f, ids in lookups]
+        flat = torch.cat([self.rows(f, ids)[1].reshape(-1) for f, ids in lookups])
+        out = self.packed(flat).split([ids.numel() for _, ids in lookups])
+        return [o.reshape(*ids.shape, o.shape[-1]) for o, (_, ids) in zip(out, lookups)]
+
+    def pack_state_from(self, unpacked: "DICM") -> None:
+        """Copy an unpacked model's parameters into this packed one (same feature map and sizes)."""
+        assert self.packed is not None and unpacked.packed is None
+        with torch.no_grad():
+            for vocab, start in self.start.items():
+                w = unpacked.embeddings[_key(vocab)].weight
+                self.packed.weight[start:start + w.shape[0] - 1] = w[1:]
+            mine = dict(self.named_parameters())
+            for n, p in unpacked.named_parameters():
+                if not n.startswith("embeddings."):
+                    mine[n].copy_(p)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(
@@ -173,25 +218,33 @@ class DICM(nn.Module):
         ad_image_emb: Tensor | None = None,
         hist_image_emb: Tensor | None = None,
     ) -> Tensor:
-        cat_emb = {f.name: self.table(f)(batch[f.name]) for f in self.fmap.categorical}
-        parts = list(cat_emb.values())
-        B = parts[0].shape[0]
-
         mask: Tensor | None = None
         if self.fmap.sequences or self.uses_hist_images:
             hist_len = batch["hist_len"]
             L = self._seq_len(batch, hist_image_emb)
             mask = torch.arange(L, device=hist_len.device).unsqueeze(0) < hist_len.reshape(-1, 1)
-
+        # Every ID lookup of the forward pass at once (one operation when the tables are packed).
+        lookups = [(f, batch[f.name]) for f in self.fmap.categorical]
+        rows = cols = None
         if self.id_attention is not None:
             assert mask is not None
             rows, cols = pack(mask)  # look up only the real positions
+            lookups += [(s, batch[s.name][rows, cols]) for s, _ in self.paired]
+        lookups += [(s, batch[s.name]) for s in self.unpaired]
+        embs = self.lookup(lookups)
+        nc = len(self.fmap.categorical)
+        cat_emb = {f.name: e for f, e in zip(self.fmap.categorical, embs[:nc])}
+        parts = list(cat_emb.values())
+        B = parts[0].shape[0]
+
+        if self.id_attention is not None:
+            assert mask is not None and rows is not None and cols is not None
             query = torch.cat([cat_emb[a.name] for _, a in self.paired], dim=-1)
-            keys = torch.cat([self.table(s)(batch[s.name][rows, cols]) for s, _ in self.paired], dim=-1)
+            keys = torch.cat(embs[nc:nc + len(self.paired)], dim=-1)
             parts.append(self.id_attention.forward_packed(query, keys, rows, cols, mask.shape[1]))
-        for s in self.unpaired:
+        for s, e in zip(self.unpaired, embs[nc + len(self.paired):]):
             assert mask is not None
-            parts.append(masked_sum(self.table(s)(batch[s.name]), mask))
+            parts.append(masked_sum(e, mask))
 
         if self.uses_ad_image:
             ad_image_emb = self._check_image(ad_image_emb, "ad_image_emb", (B, self.cfg.image_dim))

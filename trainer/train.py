@@ -33,7 +33,7 @@ from image_service.client import ImageServiceUnavailable, LocalClient, RemoteCli
 from image_service.service import ImageService
 from pipeline.vocab import OOV
 from trainer import checkpoint, metrics
-from trainer.data import BatchLoader, LoaderConfig
+from trainer.data import BatchLoader, LoaderConfig, prefetched
 from trainer.dataset import Dataset, open_dataset
 from trainer.features import FeatureMap
 from trainer.config import MODE_CODES, PS_MODES, TrainConfig
@@ -563,6 +563,7 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
         final.update({k: v for k, v in trainer.history[-1].items() if k.startswith("valid_")})
     if trainer.switches:
         final["switches"] = [list(x) for x in trainer.switches]
+    final.update(getattr(trainer, "ps_stats", {}))
     trainer.save_checkpoint(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
     return final
@@ -594,7 +595,8 @@ def _fit_sync(trainer: Trainer, run_dir: Path, logger, total: int, bar) -> str:
     window_t, window_n = time.perf_counter(), 0
     done = trainer.step >= total
     while not done and trainer.epoch < cfg.epochs:
-        for batch in trainer.train_loader.epoch(trainer.epoch, skip_batches=trainer.batch_in_epoch):
+        batches = trainer.train_loader.epoch(trainer.epoch, skip_batches=trainer.batch_in_epoch)
+        for batch in prefetched(batches, cfg.interleave):
             loss = trainer.train_step(batch)
             trainer.batch_in_epoch += 1
             window_n += int(batch["label"].shape[0])

@@ -65,6 +65,11 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
     if trainer.epoch > prev_epoch and trainer.batch_in_epoch == 0 and len(trainer.history) < trainer.epoch:
         end_of_epoch(trainer, logger)
     log_switches(trainer, logger)
+    from trainer.distributed.ps_phase import stats
+
+    trainer.ps_stats = stats(ps)
+    if logger is not None:
+        logger.log_metrics(trainer.ps_stats, step=trainer.step)
     return "stopped" if kind == "stop" else "done"
 
 

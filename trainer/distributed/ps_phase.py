@@ -20,6 +20,8 @@ is healthy enough to go back to all-reduce. Switches:
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -46,18 +48,18 @@ class PSPhase:
         self.ctx = trainer.ctx
         self.rpc_name = rpc_name
         self.layout = Layout.of(trainer.model, trainer.cfg.ps_shards)
-        self.client = PSClient(key, self.layout)
+        # Without packing, each table travels in its own call (the unpacked baseline PICASSO measures).
+        self.client = PSClient(key, self.layout, per_table=not trainer.cfg.packing)
         self.params = dict(trainer.model.named_parameters())
         self.dense_names = [n for n in self.layout.names if not self.layout.is_table(n)]
-        # The batch fields that read each table (categorical and sequence fields naming its vocabulary).
-        self.fields: dict[str, list[str]] = {}
-        for f in trainer.fmap.categorical + trainer.fmap.sequences:
-            name = f"embeddings.{f.vocab.replace('.', '_')}.weight"
-            self.fields.setdefault(name, []).append(f.name)
+        self.id_fields = trainer.fmap.categorical + trainer.fmap.sequences
+        self.cache = self._hot_cache(trainer.cfg.cache_rows, trainer.cfg.cache_staleness)
+        self.steps = 0
         self.mode = "gba"
         self.waits: dict[str, float] = {k: 0.0 for k in STAGES}  # seconds per stage, this worker
         self._it = None
         self._pos = 0
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None
         self.lost: list[int] = []
 
     # -- the coordinator's switches ------------------------------------------------------------------
@@ -89,6 +91,7 @@ class PSPhase:
         self.mode = mode
         self._it = None
         self._pos = first_batch
+        self._last = None
 
     def leave_to_ar(self) -> None:
         """Every worker: after the exit barrier (the coordinator flushed the shards), read the state back."""
@@ -104,11 +107,33 @@ class PSPhase:
         load_optimizer_state_by_name(t.model, t.opt, state)
         t.set_step(step)
 
+    def _hot_cache(self, fraction: float, bound: int):
+        """The hottest `fraction` of each vocabulary's rows by training count (vocab/<name>.parquet)."""
+        if fraction <= 0:
+            return None
+        import pandas as pd
+
+        from trainer.ps.cache import RowCache
+
+        hot: dict[str, list[torch.Tensor]] = {}
+        for vocab, size in self.t.fmap.vocabs.items():
+            path = self.t.ds.dir / "vocab" / f"{vocab}.parquet"
+            if not path.exists():
+                continue
+            v = pd.read_parquet(path, columns=["index", "count"]).sort_values("count", ascending=False)
+            k = int(round(fraction * size))
+            if k:
+                name, rows = self.t.model.vocab_rows(vocab, torch.as_tensor(v["index"].to_numpy()[:k], dtype=torch.long))
+                hot.setdefault(name, []).append(rows)
+        return RowCache({n: torch.unique(torch.cat(r)) for n, r in hot.items()}, bound)
+
     # -- data ----------------------------------------------------------------------------------------
     def _global_batch(self, G: int) -> dict[str, torch.Tensor]:
         """Global batch number G (epoch * steps per epoch + batch), ID dropout applied. Tokens come in
         increasing order, so the worker walks the epoch's batches forward, skipping what others took."""
         spe = len(self.t.train_loader)
+        if self._last is not None and self._last[0] == G:
+            return self._last[1]  # another slice of the batch this worker just trained on
         if G < self._pos:
             self._it, self._pos = None, G
         while True:
@@ -121,29 +146,56 @@ class PSPhase:
                 continue
             pos, self._pos = self._pos, self._pos + 1
             if pos == G:
-                return self.t.drop_ad_ids(gather(), G)
+                self._last = (G, self.t.drop_ad_ids(gather(), G))
+                return self._last[1]
 
     # -- one step ------------------------------------------------------------------------------------
-    def step(self, tok: dict[str, Any]) -> tuple[float, int]:
+    def prepare(self, tok: dict[str, Any]) -> dict[str, Any]:
+        """Everything a step waits for: its data, its rows and dense tensors from the shards (or the row
+        cache), its image embeddings. With `--interleave` this runs ahead, on the prefetch thread."""
         t = self.t
-        t0 = time.perf_counter()
         clock = _Clock(self.waits)
         gb = self._global_batch(int(tok["batch"]))
         batch, share = allreduce.shard(gb, DistContext(int(tok["slice"]), self.ctx.world))
         clock("data")
-        ids = {}
-        for name, fields in self.fields.items():
-            ids[name] = torch.unique(torch.cat([batch[f].reshape(-1) for f in fields]))
-        pulled = self.client.pull(ids, min_step=int(tok["step"]))
+        touched: dict[str, list[torch.Tensor]] = {}
+        for f in self.id_fields:
+            name, rows = t.model.rows(f, batch[f.name])
+            touched.setdefault(name, []).append(rows.reshape(-1))
+        ids = {name: torch.unique(torch.cat(parts)) for name, parts in touched.items()}
+        want, refresh = ids, False
+        if self.cache is not None:
+            want, refresh = self.cache.plan(ids, int(tok["step"]))
+        pulled = self.client.pull(want, min_step=int(tok["step"]))
+        writes = []  # (parameter, rows or None for whole, values)
+        if self.cache is not None:
+            if refresh:
+                self.cache.refresh(pulled, want, int(tok["step"]))
+            else:
+                for name, rows in ids.items():
+                    cached, values = self.cache.read(name, rows)
+                    writes.append((name, rows[cached], values))
+        writes += [(name, want[name], pulled[name]) for name in ids]
+        writes += [(name, None, pulled[name]) for name in self.dense_names]
         clock("pull")
-        with torch.no_grad():
-            for name, rows in ids.items():
-                self.params[name][rows] = pulled[name]
-            for name in self.dense_names:
-                self.params[name].copy_(pulled[name])
-        t.model.train()
         img = image_inputs(batch, t.service, t.model.uses_ad_image, t.model.uses_hist_images, train=True)
         clock("embed")
+        return {"batch": batch, "share": share, "ids": ids, "writes": writes, "img": img}
+
+    def step(self, tok: dict[str, Any], prep: dict[str, Any] | None = None) -> tuple[float, int]:
+        t = self.t
+        if prep is None:
+            prep = self.prepare(tok)
+        t0 = time.perf_counter()
+        clock = _Clock(self.waits)
+        batch, share, ids, img = prep["batch"], prep["share"], prep["ids"], prep["img"]
+        with torch.no_grad():
+            for name, rows, values in prep["writes"]:
+                if rows is None:
+                    self.params[name].copy_(values)
+                else:
+                    self.params[name][rows] = values
+        t.model.train()
         logits = t.model(batch, img.ad, img.hist)
         loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype)) * share
         t.model.zero_grad(set_to_none=True)
@@ -167,23 +219,70 @@ class PSPhase:
         self.client.push(int(tok["id"]), int(tok["step"]), dense, sparse)
         clock("push")
         n = int(batch["label"].shape[0])
+        self.steps += 1
         if t.service is not None:
             t.service.count_samples(n)
         self.last_step_s = time.perf_counter() - t0
         return float(loss.detach()) / share, n
 
     # -- the loop -------------------------------------------------------------------------------------
+    def _answers(self):
+        """(token answer, prepared step or None) in order: requested and prepared here, or, with
+        `--interleave K`, up to K steps ahead on a prefetch thread while this one computes."""
+        depth = self.t.cfg.interleave
+        if depth <= 0:
+            while True:
+                ans = self._request()
+                if ans["kind"] == "wait":
+                    yield ans, None
+                    continue
+                yield ans, (self.prepare(ans) if ans["kind"] == "token" else None)
+                if ans["kind"] != "token":
+                    return
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+
+        def ahead() -> None:
+            try:
+                while not stop.is_set():
+                    ans = self._request()
+                    if ans["kind"] == "wait":
+                        continue
+                    q.put((ans, self.prepare(ans) if ans["kind"] == "token" else None))
+                    if ans["kind"] != "token":
+                        return
+            except BaseException as exc:  # surfaces on the training thread
+                q.put(({"kind": "error", "error": exc}, None))
+
+        thread = threading.Thread(target=ahead, name="ps-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                ans, prep = q.get()
+                self.waits["prefetch_wait"] += time.perf_counter() - t0
+                if ans["kind"] == "error":
+                    raise ans["error"]
+                yield ans, prep
+                if ans["kind"] != "token":
+                    return
+        finally:
+            stop.set()
+
+    def _request(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        report, self._report = self._report, (0.0, None, 0)
+        ans = self.client.tokens("request", self.ctx.rank, self.rpc_name, *report)
+        self.waits["token"] += time.perf_counter() - t0
+        return ans
+
     def run(self, coordinator_hook) -> tuple[str, int]:
         """Train on tokens until shard 0 says otherwise: ("done" | "stop" | "ar", next global batch).
         `coordinator_hook(tok)` runs on worker 0 after each of its steps."""
-        loss, n, step_s = None, 0, 0.0
-        while True:
-            t0 = time.perf_counter()
-            ans = self.client.tokens("request", self.ctx.rank, self.rpc_name, step_s, loss, n)
-            self.waits["token"] += time.perf_counter() - t0
+        self._report = (0.0, None, 0)
+        for ans, prep in self._answers():
             kind = ans["kind"]
             if kind == "wait":
-                loss = None
                 if self.ctx.is_coordinator:
                     coordinator_hook(None)
                 continue
@@ -193,16 +292,20 @@ class PSPhase:
                     self.t.service.wait_pushes()
                 self.client.tokens("finish", self.ctx.rank)
                 print(f"worker {self.ctx.rank}: seconds per stage in the PS phase: "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in self.waits.items()), flush=True)
+                      + ", ".join(f"{k} {v:.2f}" for k, v in self.waits.items())
+                      + f"; {self.steps} steps, {self.client.bytes_received / max(self.steps, 1):,.0f} B pulled "
+                        f"per step" + (f", cache hit rate {self.cache.hit_rate():.3f}" if self.cache else ""),
+                      flush=True)
                 return kind, int(ans["batch"])
-            loss, n = self.step(ans)
-            step_s = self.last_step_s
+            loss, n = self.step(ans, prep)
+            self._report = (self.last_step_s, loss, n)
             if len(self.client.pushes) > 64:  # keep the list short; they completed long ago
                 self.client.pushes = [f for f in self.client.pushes if not f.done()]
             if self.ctx.is_coordinator:
                 t0 = time.perf_counter()
                 coordinator_hook(ans)
                 self.waits["coordinator"] += time.perf_counter() - t0
+        raise AssertionError("the token stream ended without a final answer")
 
     def wait_for_workers(self, poll_s: float = 0.2, check_every_s: float = 5.0) -> list[int]:
         """Coordinator, after its own "done"/"stop"/"ar": until every other worker has finished its step
@@ -220,7 +323,8 @@ class PSPhase:
             time.sleep(poll_s)
 
 
-STAGES = ("token", "data", "pull", "embed", "compute", "straggler", "image_push", "push", "coordinator")
+STAGES = ("token", "data", "pull", "embed", "prefetch_wait", "compute", "straggler", "image_push", "push",
+          "coordinator")
 
 
 class _Clock:
@@ -234,6 +338,18 @@ class _Clock:
         now = time.perf_counter()
         self.into[stage] += now - self.last
         self.last = now
+
+
+def stats(ps: "PSPhase") -> dict[str, float]:
+    """This worker's PS traffic and waits, for the result and MLflow."""
+    steps = max(ps.steps, 1)
+    out = {"ps_steps": float(ps.steps), "ps_pulled_bytes_per_step": ps.client.bytes_received / steps,
+           "ps_pulled_row_bytes_per_step": ps.client.row_bytes_received / steps,
+           "ps_pushed_bytes_per_step": ps.client.bytes_sent / steps}
+    out.update({f"wait_{k}_s_per_step": v / steps for k, v in ps.waits.items()})
+    if ps.cache is not None:
+        out["cache_hit_rate"] = ps.cache.hit_rate()
+    return out
 
 
 def ratio(step_s: dict[int, float], exclude: list[int]) -> float:

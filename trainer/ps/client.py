@@ -1,6 +1,8 @@
 """A worker's view of the parameter server: pull the rows and tensors a batch needs, push gradients.
 
-One RPC per shard per pull and per push (every table's rows for that shard travel together). Pushes
+One RPC per shard per pull and per push (every table's rows for that shard travel together); with
+`per_table` (the unpacked baseline of `--no-packing`) a pull makes one call per table and shard. A
+push is one call per shard either way: its tables form one gradient, which a shard must take whole. Pushes
 are asynchronous: `push` returns the futures and the worker goes on; it waits for them only before
 it leaves a PS phase (so the shards hold every gradient before a switch or the end). Traffic is
 counted here (the bytes of the tensors sent and received), for the MLflow metrics.
@@ -19,12 +21,14 @@ from trainer.ps.layout import Layout
 
 
 class PSClient:
-    def __init__(self, key: str, layout: Layout):
+    def __init__(self, key: str, layout: Layout, per_table: bool = False):
         self.layout = layout
+        self.per_table = per_table  # one call per table and shard (unpacked) instead of one per shard
         self.names = [server.shard_name(s, key) for s in range(layout.shards)]
         self.dense_shards = {s for s in range(layout.shards) if layout.dense_on(s)}
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.row_bytes_received = 0  # of that, embedding rows (the rest: dense tensors)
         self.pushes: list[torch.futures.Future] = []
 
     # -- training calls -----------------------------------------------------------------------------
@@ -36,9 +40,15 @@ class PSClient:
         for s, shard in enumerate(self.names):
             rows = {name: r[s][1] for name, r in routes.items() if r[s][1].numel()}
             self.bytes_sent += sum(t.nbytes for t in rows.values())
-            futs.append(rpc.rpc_async(shard, server.rpc_pull, args=(rows, s in self.dense_shards, min_step)))
+            calls = [(rows, s in self.dense_shards)]
+            if self.per_table:
+                calls = [({n: r}, False) for n, r in rows.items()] + [({}, True)] * (s in self.dense_shards)
+            for part_rows, dense in calls:
+                futs.append((s, rpc.rpc_async(shard, server.rpc_pull, args=(part_rows, dense, min_step))))
         out: dict[str, Tensor] = {}
-        parts = [f.wait()[0] for f in futs]
+        parts: list[dict[str, Tensor]] = [{} for _ in self.names]
+        for s, f in futs:
+            parts[s].update(f.wait()[0])
         for name, t in ids.items():
             rows = None
             for s, part in enumerate(parts):
@@ -50,7 +60,9 @@ class PSClient:
         for part in parts:
             for name, v in part.items():
                 self.bytes_received += v.nbytes
-                if name not in ids:
+                if name in ids:
+                    self.row_bytes_received += v.nbytes
+                else:
                     out[name] = v
         return out
 

@@ -1,6 +1,6 @@
 """How a DICM's state is spread over S parameter-server shards.
 
-Embedding tables (`embeddings.<vocab>.weight`) are sharded by row id: row r lives on shard r % S at
+Embedding tables (`embeddings.<vocab>.weight`, or the one packed table `packed.weight`) are sharded by row id: row r lives on shard r % S at
 local row r // S, so a hot vocabulary's rows spread evenly and a worker asks each shard for just the
 rows its batch touches. Every other tensor (MLPs, attention, PReLU slopes) is dense and lives whole
 on shard i % S (i = its place in the model's parameter order), so dense pulls spread over shards too.
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 TABLE_PREFIX = "embeddings."
+PACKED = "packed.weight"  # all vocabularies in one table (`--packing`)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Layout:
         if shards < 1:
             raise ValueError(f"a parameter server needs at least one shard (got {shards})")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        tables = tuple(n for n, p in named if n.startswith(TABLE_PREFIX) and p.dim() == 2)
+        tables = tuple(n for n, p in named if (n.startswith(TABLE_PREFIX) or n == PACKED) and p.dim() == 2)
         return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named), tables, shards)
 
     def is_table(self, name: str) -> bool:

@@ -1,0 +1,160 @@
+"""PICASSO's packing, interleaving and caching, each on and off, in GBA mode (issue 6, item 7).
+
+What runs: `vitrine train --mode gba --workers 2 --global-batch 1024` (one PS shard, images on, the
+image service in its own process, seed 0, one epoch) with the optimizations switched:
+
+- on the default world (zipf 1.05): none, each alone, each left out, all (8 runs);
+- on the 100-field world (`--extra-fields 100`, zipf 1.05): none, packing, all;
+- at zipf 0.8 and 1.2: none and caching alone (the row traffic the cache saves depends on the skew).
+
+Switches: packing = `--packing` (one table, one lookup, one PS pull per shard; off: a table and a
+lookup per vocabulary and a pull per table and shard); interleaving = `--interleave 1` (the next
+step's token, data, PS pull and image embeddings prepared on a background thread); caching =
+`--cache-rows 0.05 --cache-staleness 2`.
+
+Reported per run: training seconds (the job's `train_seconds`), samples/s (train rows / seconds),
+bytes per worker step (pulled: rows + dense tensors; of which embedding rows; pushed), the row
+cache's hit rate, and test AUC.
+
+Targets (exit 1 on a miss): packing >= 2x the samples/s of none on the 100-field world; caching cuts
+the pulled embedding-row bytes per step by at least half at zipf 1.05; all three >= 2x the samples/s
+of none on the default world; test AUC of all within 0.002 of none.
+
+Caveats: 2 cores for 2 workers, a PS shard and the image service; a thread that prepares ahead
+competes with the computing one for the same cores (PAPERS.md: interleaving pays where a stage
+waits, not where two stages compete). Dense tensors are pulled every step and are not cached, so
+total pulled bytes fall by less than the row bytes.
+
+    python benchmarks/picasso_bench.py
+    python benchmarks/picasso_bench.py --quick     # 20 steps per run, default world only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SWITCHES = {"P": ["--packing"], "I": ["--interleave", "1"], "C": ["--cache-rows", "0.05", "--cache-staleness", "2"]}
+CONFIGS = {"none": "", "packing": "P", "interleave": "I", "caching": "C", "all but packing": "IC",
+           "all but interleave": "PC", "all but caching": "PI", "all": "PIC"}
+
+
+def many_field_dataset(work: Path, fields: int) -> Path:
+    from pipeline.build import PipelineConfig, run_pipeline
+    from pipeline.synth.world import WorldConfig, generate
+
+    root = work / f"fields-{fields}"
+    raw, ds, stamp = root / "raw", root / "ds", root / "ds.json"
+    world = WorldConfig(seed=0, extra_fields=fields)
+    meta = raw / "world.json"
+    settings = json.loads(json.dumps(asdict(world), default=str))
+    if not (meta.exists() and json.loads(meta.read_text()).get("settings") == settings):
+        print(f"generating the {fields}-field world -> {raw}", flush=True)
+        generate(world, raw, overwrite=True, progress=False)
+    pcfg = PipelineConfig(raw=str(raw), out=str(ds), workers=2, track=False, progress=False, overwrite=True)
+    want = {"world_sha256": hashlib.sha256(meta.read_bytes()).hexdigest(),
+            "pipeline": json.loads(json.dumps(asdict(pcfg), default=str))}
+    if not ((ds / "manifest.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == want):
+        print(f"processing it -> {ds}", flush=True)
+        run_pipeline(pcfg)
+        stamp.write_text(json.dumps(want, indent=2))
+    return ds
+
+
+def run(ds: Path, out: Path, tag: str, switches: str, args) -> dict:
+    run_dir = out / tag
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    argv = [sys.executable, "-m", "vitrine", "train", "--dataset", str(ds), "--run-dir", str(run_dir), "--mode", "gba",
+            "--workers", "2", "--global-batch", "1024", "--epochs", "1", "--seed", "0", "--threads", "1",
+            "--no-progress", "--no-track", "--image-service", "spawn", "--checkpoint-every", "100000",
+            "--log-every", "1000", "--no-packing"]
+    if args.max_steps:
+        argv += ["--max-steps", str(args.max_steps)]
+    for s in switches:
+        argv += SWITCHES[s]
+    print(f"running {tag} ...", flush=True)
+    t0 = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise SystemExit(f"{tag} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    r = json.loads((run_dir / "result.json").read_text())
+    r["wall_s"] = time.perf_counter() - t0
+    rows = json.loads((ds / "manifest.json").read_text())["splits"]["train"]["rows"]
+    r["samples"] = min(rows, args.max_steps * 1024) if args.max_steps else rows
+    r["samples_per_s"] = r["samples"] / r["train_seconds"]
+    return r
+
+
+def main() -> int:
+    from ams_bench import ensure_dataset
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-steps", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work", default=str(ROOT / "data" / "bench"))
+    args = ap.parse_args()
+    if args.quick:
+        args.max_steps = 20
+    work = Path(args.work)
+    out = work / "picasso"
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict[str, dict] = {}
+    default = ensure_dataset(work / "ams", 1.05)
+    for name, sw in CONFIGS.items():
+        res[f"default|{name}"] = run(default, out, f"default-{name.replace(' ', '-')}", sw, args)
+    if not args.quick:
+        wide = many_field_dataset(work / "picasso", 100)
+        for name in ("none", "packing", "all"):
+            res[f"100 fields|{name}"] = run(wide, out, f"fields100-{name}", CONFIGS[name], args)
+        for z in (0.8, 1.2):
+            ds = ensure_dataset(work / "ams", z)
+            for name in ("none", "caching"):
+                res[f"zipf {z:g}|{name}"] = run(ds, out, f"zipf{z:g}-{name}", CONFIGS[name], args)
+    print()
+    print("| world | config | train s | samples/s | vs none | pulled B/step | of which rows | pushed B/step | "
+          "cache hits | test AUC |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key, r in res.items():
+        world, name = key.split("|")
+        base = res[f"{world}|none"]
+        print(f"| {world} | {name} | {r['train_seconds']:.1f} | {r['samples_per_s']:,.0f} | "
+              f"{r['samples_per_s'] / base['samples_per_s']:.2f}x | {r['ps_pulled_bytes_per_step']:,.0f} | "
+              f"{r['ps_pulled_row_bytes_per_step']:,.0f} | {r['ps_pushed_bytes_per_step']:,.0f} | "
+              f"{r.get('cache_hit_rate', 0):.2f} | {r['test_auc']:.4f} |")
+    misses = []
+    speed = lambda w, n: res[f"{w}|{n}"]["samples_per_s"] / res[f"{w}|none"]["samples_per_s"]  # noqa: E731
+    if "100 fields|packing" in res and speed("100 fields", "packing") < 2:
+        misses.append(f"packing on the 100-field world: {speed('100 fields', 'packing'):.2f}x (target >= 2x)")
+    cut = res["default|caching"]["ps_pulled_row_bytes_per_step"] / res["default|none"]["ps_pulled_row_bytes_per_step"]
+    if cut > 0.5:
+        misses.append(f"caching 5% of rows left {cut:.2f} of the row bytes at zipf 1.05 (target <= 0.5)")
+    if speed("default", "all") < 2:
+        misses.append(f"all three on the default world: {speed('default', 'all'):.2f}x (target >= 2x)")
+    d_auc = res["default|all"]["test_auc"] - res["default|none"]["test_auc"]
+    if abs(d_auc) > 0.002:
+        misses.append(f"AUC of all - none = {d_auc:+.4f} (target within 0.002)")
+    (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
+    (ROOT / "benchmarks" / "results" / "picasso_bench.json").write_text(json.dumps(res, indent=2, default=str))
+    print()
+    if misses:
+        print("MISSED:\n- " + "\n- ".join(misses))
+        return 1
+    print("all targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""PICASSO's optimizations: each must leave the model's math unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_model import build, make_batch, manifest
+from trainer.features import FeatureMap
+
+
+@pytest.mark.parametrize("features,aggregator", [("ids+images", "attentive"), ("ids", "sum"),
+                                                 ("ids+images", "multi_query")])
+def test_packed_and_unpacked_models_give_the_same_outputs_and_gradients(features, aggregator):
+    fmap = FeatureMap.from_manifest(manifest())
+    plain = build(fmap, features, aggregator, seed=1).double()
+    packed = build(fmap, features, aggregator, seed=2, packing=True).double()
+    assert len(fmap.vocabs) > 2 and len(list(packed.embeddings)) == 0
+    packed.pack_state_from(plain)
+    batch, ad, hist = make_batch(fmap, B=9, seed=4, dtype=torch.float64)
+    outs = []
+    for m in (plain, packed):
+        a, h = ad.clone().requires_grad_(), hist.clone().requires_grad_()
+        y = m(batch, a, h)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype)).sum().backward()
+        outs.append((y.detach(), a.grad, h.grad))
+    assert torch.allclose(outs[0][0], outs[1][0], rtol=0, atol=1e-12)
+    for i in (1, 2):  # the image embeddings' gradients (None when the variant does not use them)
+        assert (outs[0][i] is None) == (outs[1][i] is None)
+        if outs[0][i] is not None:
+            assert torch.allclose(outs[0][i], outs[1][i], rtol=0, atol=1e-12)
+    grads = dict(packed.named_parameters())
+    for n, p in plain.named_parameters():
+        if n.startswith("embeddings."):
+            vocab = next(v for v in fmap.vocabs if f"embeddings.{v.replace('.', '_')}.weight" == n)
+            start = packed.start[vocab]
+            g = grads["packed.weight"].grad[start:start + p.shape[0] - 1]
+            assert torch.allclose(g, p.grad[1:], rtol=0, atol=1e-12), n
+        else:
+            assert torch.allclose(grads[n].grad, p.grad, rtol=0, atol=1e-12), n
+    assert not grads["packed.weight"].grad[0].any()  # the shared padding row never trains
+
+
+def test_cached_rows_are_never_staler_than_the_bound():
+    """Steps arrive with the tokens' global steps (repeats and jumps, as under GBA); every row the cache
+    serves was read at most `bound` steps before, and a stale cache re-reads every hot row."""
+    from trainer.ps.cache import RowCache
+
+    hot = torch.tensor([1, 3, 5])
+    cache = RowCache({"t": hot}, bound=2)
+    table = torch.zeros(8, 1)  # the PS's rows; row value = the step it was last written
+    steps = [0, 0, 1, 1, 2, 3, 3, 4, 7, 7, 8, 9, 12]
+    for step in steps:
+        table[:] = step
+        ids = torch.tensor([1, 2, 3, 6])
+        want, refresh = cache.plan({"t": ids}, step)
+        pulled = table[want["t"]]
+        if refresh:
+            cache.refresh({"t": pulled}, want, step)
+            assert set(hot.tolist()) <= set(want["t"].tolist())
+        else:
+            assert want["t"].tolist() == [2, 6]  # only the cold rows travel
+            mask, values = cache.read("t", ids)
+            assert mask.tolist() == [True, False, True, False]
+            assert (step - values).max() <= 2 and cache.fetched is not None and step - cache.fetched <= 2
+    assert cache.hits > 0 and 0 < cache.hit_rate() < 1
+
+
+def _run(ds, run_dir, *args) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "vitrine", "train", "--dataset", str(ds), "--run-dir", str(run_dir),
+                           "--dtype", "float64", "--optimizer", "sgd", "--lr", "0.05", "--seed", "3", "--threads", "1",
+                           "--no-track", "--no-progress", "--epochs", "1", *args],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("mode", ["single", "ar"])
+def test_interleaved_training_equals_plain_training(world_dataset, tmp_path, mode):
+    """Batches read ahead on a background thread (--interleave 2) change nothing: same seed, same model."""
+    args = ["--max-steps", "6"] + (["--mode", "ar", "--workers", "2", "--global-batch", "256"] if mode == "ar"
+                                   else ["--batch-size", "256"])
+    plain = _run(world_dataset, tmp_path / "plain", *args)
+    inter = _run(world_dataset, tmp_path / "inter", *args, "--interleave", "2")
+    assert plain["step"] == inter["step"] == 6
+    for k in plain["model"]:
+        assert torch.equal(plain["model"][k], inter["model"][k]), k
+    for k in plain["service"]["head"]:
+        assert torch.equal(plain["service"]["head"][k], inter["service"]["head"][k]), k
+
+
+def test_all_optimizations_in_gba_train_and_report_their_figures(world_dataset, tmp_path):
+    """GBA over 2 workers with packing, interleaving and a 5% row cache: the job trains, the row cache
+    serves hits, and the result carries the traffic and wait figures the benchmark reads."""
+    import json
+
+    _run(world_dataset, tmp_path / "all", "--mode", "gba", "--workers", "2", "--global-batch", "256",
+         "--max-steps", "12", "--packing", "--interleave", "1", "--cache-rows", "0.05", "--features", "ids")
+    r = json.loads((tmp_path / "all" / "result.json").read_text())
+    assert r["steps"] == 12 and 0 < r["cache_hit_rate"] < 1 and r["ps_pulled_row_bytes_per_step"] > 0
+    assert r["wait_prefetch_wait_s_per_step"] >= 0 and "test_auc" in r
