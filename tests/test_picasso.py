@@ -89,10 +89,12 @@ def test_interleaved_training_equals_plain_training(world_dataset, tmp_path, mod
     plain = _run(world_dataset, tmp_path / "plain", *args)
     inter = _run(world_dataset, tmp_path / "inter", *args, "--interleave", "2")
     assert plain["step"] == inter["step"] == 6
+    # Equal up to float64 rounding: the image service computes a merged group of requests as one matrix
+    # product, and how the workers' requests happen to be grouped changes the last bits.
     for k in plain["model"]:
-        assert torch.equal(plain["model"][k], inter["model"][k]), k
+        assert torch.allclose(plain["model"][k], inter["model"][k], rtol=0, atol=1e-9), k
     for k in plain["service"]["head"]:
-        assert torch.equal(plain["service"]["head"][k], inter["service"]["head"][k]), k
+        assert torch.allclose(plain["service"]["head"][k], inter["service"]["head"][k], rtol=0, atol=1e-9), k
 
 
 def test_all_optimizations_in_gba_train_and_report_their_figures(world_dataset, tmp_path):

@@ -383,7 +383,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume:
         run_dir = Path(cfg.resume).resolve()
         st = checkpoint.load(run_dir)
-        saved = st["config"]
+        saved = {"packing": False, **st["config"]}  # runs from before --packing existed were unpacked
         # The run continues with its own settings; only the progress display and where the image
         # service is (a restarted one may listen elsewhere) may differ.
         keep = {"progress": cfg.progress, "image_service": cfg.image_service if cfg.image_service != "local"

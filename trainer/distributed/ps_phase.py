@@ -123,7 +123,7 @@ class PSPhase:
             v = pd.read_parquet(path, columns=["index", "count"]).sort_values("count", ascending=False)
             k = int(round(fraction * size))
             if k:
-                name, rows = self.t.model.vocab_rows(vocab, torch.as_tensor(v["index"].to_numpy()[:k], dtype=torch.long))
+                name, rows = self.t.model.vocab_rows(vocab, torch.tensor(v["index"].to_numpy()[:k], dtype=torch.long))
                 hot.setdefault(name, []).append(rows)
         return RowCache({n: torch.unique(torch.cat(r)) for n, r in hot.items()}, bound)
 
@@ -166,7 +166,12 @@ class PSPhase:
         want, refresh = ids, False
         if self.cache is not None:
             want, refresh = self.cache.plan(ids, int(tok["step"]))
-        pulled = self.client.pull(want, min_step=int(tok["step"]))
+        # The dense tensors are cached with the rows: pulled only when the cache is re-read (they are the
+        # hottest parameters of all; the worker's own copies are the cache, nothing else writes them).
+        pull_dense = self.cache is None or refresh
+        pulled = self.client.pull(want, min_step=int(tok["step"]), dense=pull_dense)
+        # The gradient is stamped with the oldest step it read, so GBA weighs the cache's staleness too.
+        stamp = int(tok["step"]) if pull_dense else min(int(tok["step"]), int(self.cache.fetched))
         writes = []  # (parameter, rows or None for whole, values)
         if self.cache is not None:
             if refresh:
@@ -174,13 +179,15 @@ class PSPhase:
             else:
                 for name, rows in ids.items():
                     cached, values = self.cache.read(name, rows)
-                    writes.append((name, rows[cached], values))
+                    if bool(cached.any()):
+                        writes.append((name, rows[cached], values))
         writes += [(name, want[name], pulled[name]) for name in ids]
-        writes += [(name, None, pulled[name]) for name in self.dense_names]
+        if pull_dense:
+            writes += [(name, None, pulled[name]) for name in self.dense_names]
         clock("pull")
         img = image_inputs(batch, t.service, t.model.uses_ad_image, t.model.uses_hist_images, train=True)
         clock("embed")
-        return {"batch": batch, "share": share, "ids": ids, "writes": writes, "img": img}
+        return {"batch": batch, "share": share, "ids": ids, "writes": writes, "img": img, "stamp": stamp}
 
     def step(self, tok: dict[str, Any], prep: dict[str, Any] | None = None) -> tuple[float, int]:
         t = self.t
@@ -210,13 +217,14 @@ class PSPhase:
         # Under --max-staleness the push waits (the head's step must be in before the next token);
         # otherwise it is as non-blocking as the PS push.
         img.push_gradients(t.service, token=int(tok["step"]), wait=t.cfg.max_staleness >= 0)
+        stamp = prep["stamp"]
         clock("image_push")
         dense = {n: (self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n]))
                  for n in self.dense_names}
         sparse = {name: (rows, self.params[name].grad[rows] if self.params[name].grad is not None
                          else torch.zeros((rows.numel(), self.params[name].shape[1]), dtype=self.params[name].dtype))
                   for name, rows in ids.items()}
-        self.client.push(int(tok["id"]), int(tok["step"]), dense, sparse)
+        self.client.push(int(tok["id"]), stamp, dense, sparse)
         clock("push")
         n = int(batch["label"].shape[0])
         self.steps += 1

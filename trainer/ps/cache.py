@@ -1,5 +1,9 @@
 """A worker-side cache of the hottest embedding rows (PICASSO's caching), with bounded staleness.
 
+The PS phase caches the dense tensors under the same rule (they are read by every step: the
+hottest parameters of all), and stamps each gradient with the oldest step it read, so GBA's
+staleness weighting sees the cache's staleness as well.
+
 Which rows: per table, the top `fraction` of rows by training frequency (the pipeline's vocabulary
 counts), chosen once. ID frequencies are Zipf-like, so a few percent of the rows serve most lookups.
 How fresh: every cached row was read from the parameter server at a global step `fetched`; a step

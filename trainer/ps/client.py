@@ -32,17 +32,18 @@ class PSClient:
         self.pushes: list[torch.futures.Future] = []
 
     # -- training calls -----------------------------------------------------------------------------
-    def pull(self, ids: dict[str, Tensor], min_step: int = 0) -> dict[str, Tensor]:
+    def pull(self, ids: dict[str, Tensor], min_step: int = 0, dense: bool = True) -> dict[str, Tensor]:
         """`ids`: per table, sorted unique global row ids. Returns per table its rows (in `ids` order)
-        and every dense tensor."""
+        and, with `dense`, every dense tensor."""
         routes = {name: self.layout.route(t) for name, t in ids.items()}
         futs = []
         for s, shard in enumerate(self.names):
             rows = {name: r[s][1] for name, r in routes.items() if r[s][1].numel()}
             self.bytes_sent += sum(t.nbytes for t in rows.values())
-            calls = [(rows, s in self.dense_shards)]
+            with_dense = dense and s in self.dense_shards
+            calls = [(rows, with_dense)]
             if self.per_table:
-                calls = [({n: r}, False) for n, r in rows.items()] + [({}, True)] * (s in self.dense_shards)
+                calls = [({n: r}, False) for n, r in rows.items()] + [({}, True)] * with_dense
             for part_rows, dense in calls:
                 futs.append((s, rpc.rpc_async(shard, server.rpc_pull, args=(part_rows, dense, min_step))))
         out: dict[str, Tensor] = {}
