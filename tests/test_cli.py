@@ -55,5 +55,6 @@ def test_demo_generates_processes_and_says_where(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert str(out) in stdout and m["mlflow_run_id"] in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
+    assert "workers in auto mode" in stdout and "(auto mode)" in stdout  # the distributed run, and its MLflow run
     # A second demo reuses the world instead of drawing it again.
     assert "reusing" in _run(["demo", "--scale", "0.1", "--no-dashboard"], env)

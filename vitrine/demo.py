@@ -82,7 +82,7 @@ def _serve_dashboard(port: int) -> int:
     from app import server
     from vitrine.errors import UserError
 
-    print("== 4. the dashboard")
+    print("== 5. the dashboard")
     logs = paths.data_root()
     ui_url, ui = server.start_mlflow_ui(tracking.tracking_uri(), log=logs / "mlflow-ui.log")
     dash = None
