@@ -263,3 +263,11 @@ def test_a_stopped_gba_job_checkpoints_and_resumes_in_gba(world_dataset, tmp_pat
     # Every global batch after the stop point was trained once: the step count reaches the epochs' total
     # (less at most the slices in flight when the job stopped, which the checkpoint does not hold).
     assert 12 * spe - 2 <= final["step"] <= 12 * spe, (final["step"], spe)
+
+
+def test_auto_judges_a_ps_phase_only_once_every_live_worker_has_timed_a_step():
+    from trainer.distributed.ps_phase import slowest_ratio
+
+    assert slowest_ratio({0: 0.1, 1: 0.1, 2: 0.1}, lost=[], world=4) is None  # worker 3 (the straggler?) not yet
+    assert slowest_ratio({0: 0.1, 1: 0.1, 2: 0.1, 3: 0.4}, lost=[], world=4) == pytest.approx(4.0)
+    assert slowest_ratio({0: 0.1, 1: 0.1, 2: 0.1, 3: 0.0}, lost=[3], world=4) == pytest.approx(1.0)

@@ -16,7 +16,7 @@ from typing import Any
 import torch.distributed as dist
 
 from trainer.config import MODE_CODES, PS_MODES
-from trainer.distributed.ps_phase import ratio
+from trainer.distributed.ps_phase import slowest_ratio
 from vitrine import jobs
 from vitrine.errors import UserError
 
@@ -105,8 +105,8 @@ class _Coordinator:
                 t.ps.set_mode(mode)
                 t.note_switch(t.phase, mode, f"planned at step {at} (--switch-at)")
                 t.phase = mode
-        if t.auto and t.phase == "gba" and not self.asked_ar:
-            r = ratio(self.step_s, rep["lost"])
+        r = slowest_ratio(self.step_s, rep["lost"], t.ctx.world) if t.auto and t.phase == "gba" else None
+        if r is not None and not self.asked_ar:
             self.below = self.below + 1 if r < t.cfg.auto_ratio else 0
             if self.below >= t.cfg.auto_patience and not rep["lost"]:
                 self._ask_ar(f"auto: slowest/median {r:.1f} < {t.cfg.auto_ratio} for {t.cfg.auto_patience} steps")

@@ -364,4 +364,13 @@ def ratio(step_s: dict[int, float], exclude: list[int]) -> float:
     return slowest_over_median([v for r, v in step_s.items() if int(r) not in exclude])
 
 
+def slowest_ratio(step_s: dict[int, float], lost: list[int], world: int) -> float | None:
+    """slowest/median step time of the live workers in a PS phase, or None until every live worker has
+    timed a step of the phase (a straggler's first step is its slowest; without it the rest look healthy)."""
+    live = [r for r in range(world) if r not in lost]
+    if not all(step_s.get(r, 0) > 0 for r in live):
+        return None
+    return ratio(step_s, lost)
+
+
 __all__ = ["PSPhase", "ratio", "MODE_CODES", "dist"]

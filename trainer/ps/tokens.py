@@ -68,8 +68,8 @@ class TokenBook:
             self.command = None
             self.straggler = tuple(straggler)  # type: ignore[assignment]
             self.done.clear()
-            for w in self.workers.values():
-                w.holding = None
+            for w in self.workers.values():  # step times are the phase's own
+                w.holding, w.step_s = None, 0.0
             self.cond.notify_all()
 
     def next_batch(self) -> int:
