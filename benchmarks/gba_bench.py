@@ -71,6 +71,7 @@ def run(ds: Path, out: Path, mode: str, factor: float, args, extra: list[str]) -
 
 def main() -> int:
     from ams_bench import ensure_dataset
+    from report import finish
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--factors", type=float, nargs="+", default=[1, 2, 4])
@@ -123,15 +124,7 @@ def main() -> int:
         r, a = results[(mode, top)], results[("ar", top)]
         if abs(r["test_auc"] - a["test_auc"]) > 0.002:
             misses.append(f"{mode} AUC {r['test_auc']:.4f} vs ar {a['test_auc']:.4f} (target within 0.002)")
-    (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "gba_bench.json").write_text(json.dumps(
-        {f"{m}@{f:g}": r for (m, f), r in results.items()}, indent=2, default=str))
-    print()
-    if misses:
-        print("MISSED:\n- " + "\n- ".join(misses))
-        return 1
-    print("all targets met")
-    return 0
+    return finish("gba_bench", {f"{m}@{f:g}": r for (m, f), r in results.items()}, misses)
 
 
 if __name__ == "__main__":

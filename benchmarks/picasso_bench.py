@@ -102,6 +102,7 @@ def run(ds: Path, out: Path, tag: str, switches: str, args) -> dict:
 
 def main() -> int:
     from ams_bench import ensure_dataset
+    from report import finish
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-steps", type=int, default=0)
@@ -152,14 +153,7 @@ def main() -> int:
     d_auc = res["default|all"]["test_auc"] - res["default|none"]["test_auc"]
     if abs(d_auc) > 0.002:
         misses.append(f"AUC of all - none = {d_auc:+.4f} (target within 0.002)")
-    (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "picasso_bench.json").write_text(json.dumps(res, indent=2, default=str))
-    print()
-    if misses:
-        print("MISSED:\n- " + "\n- ".join(misses))
-        return 1
-    print("all targets met")
-    return 0
+    return finish("picasso_bench", res, misses)
 
 
 if __name__ == "__main__":

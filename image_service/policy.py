@@ -152,27 +152,25 @@ class GBA(UpdatePolicy):
             # Non-blocking: the worker goes on; the step lands when the global batch is complete.
             push.done.set_result(-1)
             return []
-        held, self._held = self._held, []
-        ids, grads = merge_pushes([Push(p.ids, p.grads * w if w != 1.0 else p.grads, p.token, p.worker)
-                                   for p, w in held], scale=1.0 / self.cfg.n)
-        self.stats.applied += len(held)
-        self.stats.updates += 1
-        self.step += 1
-        return [Update(ids, grads, [push])]
+        return [self._update([push])]
 
     def pending(self) -> int:
         return len(self._held)
 
     def flush(self) -> list[Update]:
-        if not self._held:
-            return []
+        """A partial global batch: its weighted sum / N, as if the missing gradients were zero."""
+        return [self._update([])] if self._held else []
+
+    def _update(self, answer: list[Push]) -> Update:
+        """One step from everything held (weighted rows summed per id, / N); `answer`: the pushes whose
+        futures the step completes (the held ones were answered on arrival)."""
         held, self._held = self._held, []
         ids, grads = merge_pushes([Push(p.ids, p.grads * w if w != 1.0 else p.grads, p.token, p.worker)
                                    for p, w in held], scale=1.0 / self.cfg.n)
         self.stats.applied += len(held)
         self.stats.updates += 1
         self.step += 1
-        return [Update(ids, grads, [])]
+        return Update(ids, grads, answer)
 
     def describe(self) -> dict:
         return {"policy": self.name, "n": self.cfg.n, "threshold": self.cfg.threshold, "decay": self.cfg.decay,

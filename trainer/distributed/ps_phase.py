@@ -26,10 +26,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.config import MODE_CODES
 from trainer.distributed import allreduce
 from trainer.distributed.allreduce import DistContext
 from trainer.images import image_inputs
@@ -92,11 +90,6 @@ class PSPhase:
         self._it = None
         self._pos = first_batch
         self._last = None
-
-    def leave_to_ar(self) -> None:
-        """Every worker: after the exit barrier (the coordinator flushed the shards), read the state back."""
-        self.load_from_ps()
-        self.t.service_policy_for_ar = True
 
     def load_from_ps(self) -> None:
         params, state, step = self.client.export()
@@ -371,6 +364,3 @@ def slowest_ratio(step_s: dict[int, float], lost: list[int], world: int) -> floa
     if not all(step_s.get(r, 0) > 0 for r in live):
         return None
     return ratio(step_s, lost)
-
-
-__all__ = ["PSPhase", "ratio", "MODE_CODES", "dist"]
