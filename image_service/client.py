@@ -91,6 +91,7 @@ class _Client:
 
     def __init__(self) -> None:
         self.meter = TrafficMeter()
+        self.cache = None  # an ImageCache while a PS phase caches hot images
 
     # the transport: unique int32 ids in, (U, d) embeddings + version out; and the push
     def _embed_unique(self, ids: Tensor, occurrences: int) -> tuple[Tensor, int]:
@@ -103,18 +104,27 @@ class _Client:
         """Block until every push sent with `wait=False` has been received (remote clients)."""
 
     def embed(self, image_ids: Any, train: bool = True) -> EmbedResult:
+        """With `cache` set (a `trainer.ps.cache.ImageCache`, PICASSO's caching), training lookups of
+        hot images are served from the worker's copy while it is fresh enough; evaluation never is."""
         unique, inverse, n = _dedup(image_ids)
-        wire = unique.to(ID_WIRE_DTYPE)
+        m = self.meter
+        occurrences = [n]  # the service counts the batch's occurrences once, however many calls the cache makes
+
+        def fetch(ids: Tensor) -> tuple[Tensor, int]:
+            wire = ids.to(ID_WIRE_DTYPE)
+            emb, version = self._embed_unique(wire, occurrences.pop() if occurrences else 0)
+            if train:
+                m.bytes_sent += wire.nbytes
+                m.bytes_received += emb.nbytes
+            return emb, version
+
         t0 = time.perf_counter()
-        emb, version = self._embed_unique(wire, n)
+        emb, version = self.cache.embed(unique, fetch) if train and self.cache is not None else fetch(unique)
         if train:
-            m = self.meter
             m.embed_s += time.perf_counter() - t0
             m.embed_calls += 1
             m.occurrences += n
             m.unique += unique.numel()
-            m.bytes_sent += wire.nbytes
-            m.bytes_received += emb.nbytes
             m.plain_pixel_bytes += unique.numel() * self.pixel_bytes
             m.plain_trunk_bytes += unique.numel() * self.trunk_dim * 4
         return EmbedResult(emb, inverse, unique, version)

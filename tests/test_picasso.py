@@ -107,3 +107,40 @@ def test_all_optimizations_in_gba_train_and_report_their_figures(world_dataset, 
     r = json.loads((tmp_path / "all" / "result.json").read_text())
     assert r["steps"] == 12 and 0 < r["cache_hit_rate"] < 1 and r["ps_pulled_row_bytes_per_step"] > 0
     assert r["wait_prefetch_wait_s_per_step"] >= 0 and "test_auc" in r
+
+
+def test_cached_image_embeddings_are_never_staler_than_the_bound(tmp_path):
+    """A real in-process image service whose head moves by 0 to 3 versions between calls: every
+    embedding the worker's cache serves was computed by a head at most `bound` versions older than the
+    one the same call reported, cold images are always current, and a stale cache is re-read."""
+    from image_service.client import LocalClient
+    from image_service.descriptor import DescriptorConfig
+    from image_service.service import ImageService
+    from test_image_service import N_IMAGES, make_dataset
+    from trainer.ps.cache import ImageCache
+
+    svc = ImageService(make_dataset(tmp_path), DescriptorConfig())
+    client = LocalClient(svc)
+    client.cache = ImageCache(torch.tensor([1, 2, 3]), bound=2)
+    history = {}  # head version -> every image's embedding at that version
+    gen = torch.Generator().manual_seed(0)
+    served_stale = 0
+    for moves in [0, 1, 1, 0, 2, 1, 3, 0, 1, 1, 1, 4, 0]:
+        for _ in range(moves):
+            client.backward(torch.tensor([1, 4]), torch.randn(2, svc.out_dim, generator=gen), token=svc.version)
+        history[svc.version] = svc.compute(torch.arange(N_IMAGES))[0]
+        ids = torch.tensor([1, 2, 5, 1, 7])
+        res = client.embed(ids)
+        assert res.version == svc.version
+        for j, u in enumerate(res.unique_ids.tolist()):
+            ages = [res.version - v for v, emb in history.items()
+                    if torch.allclose(emb[u], res.embeddings[j], rtol=0, atol=1e-6)]
+            assert ages and min(ages) <= 2, (u, ages)
+            if u not in (1, 2, 3):
+                assert min(ages) == 0  # cold images always come from the current head
+            served_stale += min(ages) > 0
+    assert served_stale > 0 and 0 < client.cache.hit_rate() < 1
+    assert not torch.equal(history[0][1], history[svc.version][1])  # the head did move
+
+    client.cache = None  # evaluation and AR: no cache, always current
+    assert torch.allclose(client.embed(ids).embeddings[0], history[svc.version][1], rtol=0, atol=1e-6)

@@ -56,10 +56,11 @@ class TrainConfig:
         "PICASSO interleaving: prepare this many batches ahead on a background thread (data; in PS modes "
         "also their tokens, PS pulls and image embeddings) while the current one computes"))
     cache_rows: float = field(default=0.0, metadata=_h(
-        "PS modes: cache this share of each table's hottest rows (by training frequency), and the dense "
-        "tensors, on the worker (0 = no cache)"))
+        "PS modes: cache this share of each table's hottest rows (by training frequency), the dense "
+        "tensors, and this share of the hottest images' embeddings, on the worker (0 = no cache)"))
     cache_staleness: int = field(default=2, metadata=_h(
-        "PS modes: global steps a cached row may be old before the cache is re-read"))
+        "PS modes: global steps a cached row, or descriptor-head versions a cached image embedding, may be "
+        "old before it is re-read"))
     packing: bool = field(default=True, metadata=_h(
         "PICASSO packing: all embedding tables in one, one lookup per forward, one PS pull per shard "
         "(--no-packing: a table and a lookup per vocabulary, a PS pull per table and shard)"))

@@ -561,6 +561,10 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
             logger.log_metrics({f"test_{k}": v for k, v in m.items() if _finite(v)}, step=trainer.step)
     if trainer.history:
         final.update({k: v for k, v in trainer.history[-1].items() if k.startswith("valid_")})
+    if trainer.history:
+        # Valid metrics per epoch, so a reader can tell a converged run from one still climbing or overfitting.
+        final["epochs"] = [{k: v for k, v in h.items() if k in ("epoch", "step", "valid_auc", "valid_logloss")}
+                           for h in trainer.history]
     if trainer.switches:
         final["switches"] = [list(x) for x in trainer.switches]
     final.update(getattr(trainer, "ps_stats", {}))

@@ -52,6 +52,7 @@ class PSPhase:
         self.dense_names = [n for n in self.layout.names if not self.layout.is_table(n)]
         self.id_fields = trainer.fmap.categorical + trainer.fmap.sequences
         self.cache = self._hot_cache(trainer.cfg.cache_rows, trainer.cfg.cache_staleness)
+        self.image_cache = self._hot_images(trainer.cfg.cache_rows, trainer.cfg.cache_staleness)
         self.steps = 0
         self.mode = "gba"
         self.waits: dict[str, float] = {k: 0.0 for k in STAGES}  # seconds per stage, this worker
@@ -87,6 +88,8 @@ class PSPhase:
     def start(self, mode: str, first_batch: int) -> None:
         """Every worker, after the entry barrier."""
         self.mode = mode
+        if self.t.service is not None:
+            self.t.service.cache = self.image_cache  # PS phases only: AR stays exactly the plain trainer
         self._it = None
         self._pos = first_batch
         self._last = None
@@ -119,6 +122,33 @@ class PSPhase:
                 name, rows = self.t.model.vocab_rows(vocab, torch.tensor(v["index"].to_numpy()[:k], dtype=torch.long))
                 hot.setdefault(name, []).append(rows)
         return RowCache({n: torch.unique(torch.cat(r)) for n, r in hot.items()}, bound)
+
+    def _hot_images(self, fraction: float, bound: int):
+        """The hottest `fraction` of the image store's rows by occurrences in the train split (the ad's
+        image and the behaviour images: what the worker asks the service to embed)."""
+        t = self.t
+        if fraction <= 0 or t.service is None:
+            return None
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from trainer.ps.cache import ImageCache
+
+        counts = np.zeros(t.service.n_images, dtype=np.int64)
+        for shard in t.ds.shards("train"):
+            names = pq.read_schema(shard).names
+            table = pq.read_table(shard, columns=[c for c in ("ad_image", "hist_image") if c in names])
+            for col in table.columns:
+                values = pc.list_flatten(col) if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) else col
+                counts += np.bincount(values.to_numpy(zero_copy_only=False).astype(np.int64),
+                                      minlength=counts.size)[: counts.size]
+        k = int(round(fraction * counts.size))
+        if not k:
+            return None
+        hot = np.argsort(-counts, kind="stable")[:k]
+        return ImageCache(torch.unique(torch.as_tensor(hot, dtype=torch.long)), bound)
 
     # -- data ----------------------------------------------------------------------------------------
     def _global_batch(self, G: int) -> dict[str, torch.Tensor]:
@@ -291,11 +321,13 @@ class PSPhase:
                 self.client.wait_pushes()
                 if self.t.service is not None:
                     self.t.service.wait_pushes()
+                    self.t.service.cache = None
                 self.client.tokens("finish", self.ctx.rank)
                 print(f"worker {self.ctx.rank}: seconds per stage in the PS phase: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in self.waits.items())
                       + f"; {self.steps} steps, {self.client.bytes_received / max(self.steps, 1):,.0f} B pulled "
-                        f"per step" + (f", cache hit rate {self.cache.hit_rate():.3f}" if self.cache else ""),
+                        f"per step" + (f", cache hit rate {self.cache.hit_rate():.3f}" if self.cache else "")
+                      + (f", image cache hit rate {self.image_cache.hit_rate():.3f}" if self.image_cache else ""),
                       flush=True)
                 return kind, int(ans["batch"])
             loss, n = self.step(ans, prep)
@@ -350,6 +382,8 @@ def stats(ps: "PSPhase") -> dict[str, float]:
     out.update({f"wait_{k}_s_per_step": v / steps for k, v in ps.waits.items()})
     if ps.cache is not None:
         out["cache_hit_rate"] = ps.cache.hit_rate()
+    if ps.image_cache is not None:
+        out["image_cache_hit_rate"] = ps.image_cache.hit_rate()
     return out
 
 

@@ -67,3 +67,67 @@ class RowCache:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+
+@dataclass
+class ImageCache:
+    """Worker-side cache of the hottest images' embeddings, checked against the descriptor version.
+
+    The image service answers every embed call with the head's version (it counts the head's
+    updates). A cached embedding computed at version `fetched` is served only while the version the
+    service reports is at most `bound` ahead of it. The check runs twice: before the call (against the
+    last version seen, so a stale cache is re-read in the same call) and after it (the head may have
+    moved since; then the hot rows are fetched again at once). So no served embedding is ever more than
+    `bound` versions older than the head the same call reported.
+
+    Gradients still go back for every image, cached ones included: the service applies them to its
+    current head, as it does for any stale gradient in the asynchronous modes.
+    """
+
+    hot: Tensor  # sorted unique image-store rows
+    bound: int
+    values: Tensor | None = None
+    fetched: int = -1  # head version the cached values were computed at
+    latest: int = -1  # newest head version the service reported
+    hits: int = 0
+    misses: int = 0
+
+    def _stale(self, version: int) -> bool:
+        return self.values is None or version - self.fetched > self.bound
+
+    def _refresh(self, emb: Tensor, ids: Tensor, version: int) -> None:
+        self.values = emb[torch.searchsorted(ids, self.hot)].clone()
+        self.fetched = version
+
+    def embed(self, unique: Tensor, fetch) -> tuple[Tensor, int]:
+        """Embeddings for `unique` (sorted unique ids) and the head version; `fetch(ids)` asks the
+        service for `ids` (sorted unique) and returns (embeddings, version)."""
+        if self._stale(self.latest):
+            want = torch.unique(torch.cat([unique, self.hot]))
+            emb, version = fetch(want)
+            self.latest = max(self.latest, version)
+            self._refresh(emb, want, version)
+            self.misses += unique.numel()
+            return emb[torch.searchsorted(want, unique)], version
+        hot = torch.isin(unique, self.hot)
+        version = self.latest
+        out = None
+        if bool((~hot).any()):
+            emb, version = fetch(unique[~hot])
+            self.latest = max(self.latest, version)
+            out = emb.new_empty((unique.numel(), emb.shape[1]))
+            out[~hot] = emb
+        if self._stale(version):  # the head moved past the bound since the last call: re-read the hot rows
+            emb, version = fetch(self.hot)
+            self.latest = max(self.latest, version)
+            self._refresh(emb, self.hot, version)
+        if out is None:
+            out = self.values.new_empty((unique.numel(), self.values.shape[1]))
+        out[hot] = self.values[torch.searchsorted(self.hot, unique[hot])]
+        self.hits += int(hot.sum())
+        self.misses += int((~hot).sum())
+        return out, version
+
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
