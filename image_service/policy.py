@@ -129,46 +129,36 @@ class GBA(UpdatePolicy):
     name = "gba"
 
     def __init__(self, cfg: "GBAConfig", step: int = 0):
-        from vitrine.gba import Stats
+        from vitrine.gba import Aggregator
 
         self.cfg = cfg
         self.step = step
-        self.stats = Stats()
-        self._held: list[tuple[Push, float]] = []
+        self.agg: Aggregator[Push] = Aggregator(cfg)
+        self.stats = self.agg.stats
 
     def add(self, push: Push) -> list[Update]:
         if push.token is None:
             raise ValueError("the gba policy needs each push's token (the global step its batch was issued at)")
-        staleness = self.step - int(push.token)
-        w = self.cfg.weight(staleness)
-        if w <= self.cfg.drop_below:
-            self.stats.dropped += 1
-            push.done.set_result(-1)  # not applied, and never will be
-            return []
-        self.stats.staleness.append(staleness)
-        self.stats.decayed += w < 1.0
-        self._held.append((push, w))
-        if len(self._held) < self.cfg.n:
-            # Non-blocking: the worker goes on; the step lands when the global batch is complete.
+        _, batch = self.agg.add(self.step - int(push.token), push)
+        if batch is None:
+            # Dropped, or non-blocking: the worker goes on; the step lands when the global batch is complete.
             push.done.set_result(-1)
             return []
-        return [self._update([push])]
+        return [self._update(batch, [push])]
 
     def pending(self) -> int:
-        return len(self._held)
+        return self.agg.pending()
 
     def flush(self) -> list[Update]:
         """A partial global batch: its weighted sum / N, as if the missing gradients were zero."""
-        return [self._update([])] if self._held else []
+        batch = self.agg.take()
+        return [self._update(batch, [])] if batch else []
 
-    def _update(self, answer: list[Push]) -> Update:
-        """One step from everything held (weighted rows summed per id, / N); `answer`: the pushes whose
-        futures the step completes (the held ones were answered on arrival)."""
-        held, self._held = self._held, []
+    def _update(self, batch: list, answer: list[Push]) -> Update:
+        """One step from a batch of (weight, staleness, push): weighted rows summed per id, / N.
+        `answer`: the pushes whose futures the step completes (the others were answered on arrival)."""
         ids, grads = merge_pushes([Push(p.ids, p.grads * w if w != 1.0 else p.grads, p.token, p.worker)
-                                   for p, w in held], scale=1.0 / self.cfg.n)
-        self.stats.applied += len(held)
-        self.stats.updates += 1
+                                   for w, _, p in batch], scale=1.0 / self.cfg.n)
         self.step += 1
         return Update(ids, grads, answer)
 

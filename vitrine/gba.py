@@ -83,8 +83,46 @@ class Stats:
         return out
 
 
+class Aggregator(Generic[G]):
+    """The GBA rule for gradients as they arrive, shared by the parameter-server shards, the image
+    service's gba policy and `GBAState`: weigh each by its staleness, drop it when the weight is too
+    small, and hand back a batch once exactly N count. Not thread-safe (every caller holds a lock) and
+    step-agnostic: the caller knows the step, computes the staleness and advances the step when a
+    batch comes back, since the shards also move it in their async mode.
+    """
+
+    def __init__(self, cfg: GBAConfig, stats: Stats | None = None):
+        self.cfg = cfg
+        self.stats = stats if stats is not None else Stats()
+        self._held: list[tuple[float, int, G]] = []  # (weight, staleness, gradient)
+
+    def add(self, staleness: int, gradient: G) -> tuple[float, list[tuple[float, int, G]] | None]:
+        """(weight, the complete batch of (weight, staleness, gradient) or None). A weight at or below
+        `drop_below` means the gradient was dropped: it does not count and is not held."""
+        w = self.cfg.weight(staleness)
+        if w <= self.cfg.drop_below:
+            self.stats.dropped += 1
+            return w, None
+        self.stats.staleness.append(staleness)
+        self.stats.decayed += w < 1.0
+        self._held.append((w, staleness, gradient))
+        return w, (self.take() if len(self._held) >= self.cfg.n else None)
+
+    def take(self) -> list[tuple[float, int, G]]:
+        """Everything held, as one update (also a partial batch at a switch: the caller divides its
+        weighted sum by N all the same, as if the missing gradients were zero)."""
+        batch, self._held = self._held, []
+        if batch:
+            self.stats.applied += len(batch)
+            self.stats.updates += 1
+        return batch
+
+    def pending(self) -> int:
+        return len(self._held)
+
+
 class GBAState(Generic[G]):
-    """Token book and aggregation buffer. Thread-safe; the caller combines and applies the updates.
+    """Token book in front of an `Aggregator`, for a server that issues its own tokens. Thread-safe.
 
     `push` returns the list of contributions of a complete global batch when this push completes one
     (exactly N of them, each with its weight), else None; the caller then applies
@@ -94,10 +132,10 @@ class GBAState(Generic[G]):
     def __init__(self, cfg: GBAConfig, step: int = 0):
         self.cfg = cfg
         self.step = step
-        self.stats = Stats()
+        self.agg: Aggregator[Contribution[G]] = Aggregator(cfg)
+        self.stats = self.agg.stats
         self._ids = itertools.count()
         self._outstanding: dict[int, Token] = {}
-        self._buffer: list[Contribution[G]] = []
         self._lock = threading.Lock()
 
     def issue(self) -> Token:
@@ -120,25 +158,15 @@ class GBAState(Generic[G]):
             if held != token:
                 raise ValueError(f"token {token.id} does not match the one issued ({held})")
             staleness = self.step - token.step
-            w = self.cfg.weight(staleness)
-            if w <= self.cfg.drop_below:
-                self.stats.dropped += 1
+            _, batch = self.agg.add(staleness, Contribution(token, gradient, 0.0, staleness, worker))
+            if batch is None:
                 return None
-            self.stats.staleness.append(staleness)
-            if w < 1.0:
-                self.stats.decayed += 1
-            self._buffer.append(Contribution(token, gradient, w, staleness, worker))
-            if len(self._buffer) < self.cfg.n:
-                return None
-            batch, self._buffer = self._buffer, []
-            self.stats.applied += len(batch)
-            self.stats.updates += 1
             self.step += 1
-            return batch
+            return [Contribution(c.token, c.gradient, w, c.staleness, c.worker) for w, _, c in batch]
 
     def pending(self) -> int:
         with self._lock:
-            return len(self._buffer)
+            return self.agg.pending()
 
 
 def weighted_mean(contributions: Sequence[Contribution], n: int):

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitrine.gba import GBAConfig, Stats
+from vitrine.gba import Aggregator, GBAConfig, Stats
 
 MODES = ("idle", "async", "gba")
+Gradient = tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]  # (dense by name, sparse: (ids, rows) by name)
 
 
 class TokenReused(ValueError):
@@ -46,7 +47,7 @@ class ParameterShard:
         self.gba = GBAConfig(n=1)
         self.stats = Stats()
         self.pushes = 0  # accepted since the mode started (async: the step advances every N)
-        self._buffer: list[tuple[float, dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]] = []
+        self.agg: Aggregator[Gradient] = Aggregator(self.gba, self.stats)  # the gba mode's held gradients
         self._seen: set[int] = set()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -82,16 +83,15 @@ class ParameterShard:
         if mode not in MODES:
             raise ValueError(f"unknown PS mode {mode!r}; expected one of {MODES}")
         with self.cond:
-            if self._buffer:
-                self._apply(self._buffer, self.gba.n)
-                self.stats.applied += len(self._buffer)
-                self.stats.updates += 1
+            held = self.agg.take()
+            if held:
+                self._apply(held, self.gba.n)
                 self.step += 1
-                self._buffer = []
             if step is not None:
                 self.step = int(step)
             self.mode = mode
             self.gba = GBAConfig(n=n, threshold=threshold, decay=decay)
+            self.agg = Aggregator(self.gba, self.stats)
             self.pushes = 0
             self.cond.notify_all()
             return self.step
@@ -124,38 +124,32 @@ class ParameterShard:
             if self.mode == "async":
                 self.stats.staleness.append(staleness)
                 self.stats.applied += 1
-                self._apply([(1.0, dense, sparse)], 1)
+                self._apply([(1.0, staleness, (dense, sparse))], 1)
                 self.pushes += 1
                 if self.pushes % self.gba.n == 0:
                     self.step += 1
                     self.stats.updates += 1
                 self.cond.notify_all()
                 return staleness
-            w = self.gba.weight(staleness)
+            w, batch = self.agg.add(staleness, (dense, sparse))
             if w <= self.gba.drop_below:
-                self.stats.dropped += 1
                 return -1
-            self.stats.staleness.append(staleness)
-            self.stats.decayed += w < 1.0
-            self._buffer.append((w, dense, sparse))
-            if len(self._buffer) >= self.gba.n:
-                batch, self._buffer = self._buffer, []
+            if batch is not None:
                 self._apply(batch, self.gba.n)
-                self.stats.applied += len(batch)
-                self.stats.updates += 1
                 self.step += 1
                 self.cond.notify_all()
             return staleness
 
     def _apply(self, contributions, divisor: int) -> None:
-        """One optimizer step on sum(weight * gradient) / divisor (the caller holds the lock)."""
+        """One optimizer step on sum(weight * gradient) / divisor over (weight, staleness, (dense,
+        sparse)) contributions (the caller holds the lock)."""
         assert self.opt is not None
         lr = self.lr * self.lr_decay ** (self.step // self.lr_decay_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         for name, p in self.params.items():
             grad = torch.zeros_like(p)
-            for w, dense, sparse in contributions:
+            for w, _, (dense, sparse) in contributions:
                 if name in self.tables:
                     if name in sparse:
                         ids, rows = sparse[name]
@@ -171,5 +165,5 @@ class ParameterShard:
 
     def counters(self) -> dict[str, Any]:
         with self.cond:
-            return {"step": self.step, "mode": self.mode, "pending": len(self._buffer), "bytes_in": self.bytes_in,
+            return {"step": self.step, "mode": self.mode, "pending": self.agg.pending(), "bytes_in": self.bytes_in,
                     "bytes_out": self.bytes_out, **self.stats.as_dict()}
