@@ -10,7 +10,7 @@ image service in its own process, seed 0, one epoch) with the optimizations swit
 Switches: packing = `--packing` (one table, one lookup, one PS pull per shard; off: a table and a
 lookup per vocabulary and a pull per table and shard); interleaving = `--interleave 1` (the next
 step's token, data, PS pull and image embeddings prepared on a background thread); caching =
-`--cache-rows 0.05 --cache-staleness 2` (the hottest 5% of each table's rows and the dense tensors,
+`--cache-rows 0.05 --cache-images 0.05 --cache-staleness 2` (the hottest 5% of each table's rows and the dense tensors,
 and the hottest 5% of the images' embeddings, on the worker).
 
 Reported per run: training seconds (the job's `train_seconds`), samples/s (train rows / seconds),
@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SWITCHES = {"P": ["--packing"], "I": ["--interleave", "1"], "C": ["--cache-rows", "0.05", "--cache-staleness", "2"]}
+SWITCHES = {"P": ["--packing"], "I": ["--interleave", "1"], "C": ["--cache-rows", "0.05", "--cache-images", "0.05", "--cache-staleness", "2"]}
 CONFIGS = {"none": "", "packing": "P", "interleave": "I", "caching": "C", "all but packing": "IC",
            "all but interleave": "PC", "all but caching": "PI", "all": "PIC"}
 

@@ -81,9 +81,10 @@ def test_a_straggler_slows_the_whole_synchronous_step(world_dataset, tmp_path):
     assert ratio[len(ratio) // 2] > 2.0, ratio
 
 
-def test_a_running_ar_job_obeys_its_control_channel(world_dataset, tmp_path):
-    """Launched as a job (as the dashboard does): a straggler set while it runs reaches every worker at
-    the same step, and a stop ends all workers after one step with a checkpoint."""
+@pytest.mark.parametrize("mode", ["ar", "gba"])
+def test_a_running_job_obeys_its_control_channel(world_dataset, tmp_path, mode):
+    """Launched as a job (as the dashboard does): a straggler set while it runs reaches every worker (in
+    ar at the same step; in gba through the token book), and a stop ends all workers with a checkpoint."""
     import json
     import time
 
@@ -93,7 +94,7 @@ def test_a_running_ar_job_obeys_its_control_channel(world_dataset, tmp_path):
 
     run_dir = tmp_path / "job"
     job = jobs.launch(["train", "--dataset", str(world_dataset), "--run-dir", str(run_dir), *EXACT,
-                       "--mode", "ar", "--workers", "2", "--global-batch", "256", "--features", "ids",
+                       "--mode", mode, "--workers", "2", "--global-batch", "256", "--features", "ids",
                        "--epochs", "50", "--log-every", "1", "--track"], "train", cwd=str(ROOT))
     deadline = time.monotonic() + 180
 
@@ -119,4 +120,10 @@ def test_a_running_ar_job_obeys_its_control_channel(world_dataset, tmp_path):
     before = [v for s, v in slowed if s <= sent_at]
     after = [v for s, v in slowed if s > ckpt["step"] - 3]
     assert before and set(before) == {-1.0} and set(after) == {1.0}, slowed
-    assert json.loads((run_dir / "config.json").read_text())["mode"] == "ar"
+    assert json.loads((run_dir / "config.json").read_text())["mode"] == mode
+    if mode == "gba":  # worker 1 itself slept: the setting reached it with its tokens
+        import re
+
+        waits = re.search(r"seconds per stage in the PS phase: .*straggler ([0-9.]+)",
+                          (run_dir / "worker-1.log").read_text())
+        assert waits and float(waits.group(1)) > 0, (run_dir / "worker-1.log").read_text()[-2000:]

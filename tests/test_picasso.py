@@ -98,14 +98,17 @@ def test_interleaved_training_equals_plain_training(world_dataset, tmp_path, mod
 
 
 def test_all_optimizations_in_gba_train_and_report_their_figures(world_dataset, tmp_path):
-    """GBA over 2 workers with packing, interleaving and a 5% row cache: the job trains, the row cache
-    serves hits, and the result carries the traffic and wait figures the benchmark reads."""
+    """GBA over 2 workers (images on, the service in its own process) with packing, interleaving, a 5%
+    row cache and a 20% image cache: the job trains, both caches serve hits, and the result carries the
+    traffic and wait figures the benchmark reads."""
     import json
 
     _run(world_dataset, tmp_path / "all", "--mode", "gba", "--workers", "2", "--global-batch", "256",
-         "--max-steps", "12", "--packing", "--interleave", "1", "--cache-rows", "0.05", "--features", "ids")
+         "--max-steps", "12", "--packing", "--interleave", "1", "--cache-rows", "0.05", "--cache-images", "0.2",
+         "--image-service", "spawn")
     r = json.loads((tmp_path / "all" / "result.json").read_text())
     assert r["steps"] == 12 and 0 < r["cache_hit_rate"] < 1 and r["ps_pulled_row_bytes_per_step"] > 0
+    assert 0 < r["image_cache_hit_rate"] < 1
     assert r["wait_prefetch_wait_s_per_step"] >= 0 and "test_auc" in r
 
 

@@ -56,12 +56,17 @@ def run_demo(args: argparse.Namespace) -> int:
     result = train(TrainConfig(dataset=str(out), epochs=args.epochs, seed=args.seed, image_service="spawn"))
     print(train_summary(result))
     print(f"== 4. the same model with {args.dist_workers} workers in auto mode, worker 1 slowed 4x: all-reduce "
-          f"first, GBA over the parameter server once the straggler shows (the switch is tagged in MLflow)")
+          f"first, GBA over the parameter server once the straggler shows (the switch is tagged in MLflow); "
+          f"PICASSO's packing and its caches of hot rows and image embeddings on")
     dist = train(TrainConfig(dataset=str(out), epochs=1, seed=args.seed, mode="auto", workers=args.dist_workers,
-                             global_batch=1024, straggler="1:4", image_service="spawn", threads=1))
+                             global_batch=1024, straggler="1:4", image_service="spawn", threads=1,
+                             packing=True, cache_rows=0.05, cache_images=0.05))
     print(train_summary(dist))
     for step, old, new, why in dist.get("switches", []):
         print(f"   switched {old} -> {new} at step {step}: {why}")
+    if "cache_hit_rate" in dist:
+        print(f"   worker caches (GBA phase): rows {dist['cache_hit_rate']:.1%} of lookups, image embeddings "
+              f"{dist.get('image_cache_hit_rate', 0.0):.1%} of unique images")
     print()
     print("Where to look:")
     print(f"  dataset        {out}  (manifest.json, train/ valid/ test/, images/pixels.npy)")

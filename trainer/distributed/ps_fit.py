@@ -182,6 +182,8 @@ class _Coordinator:
                                "mode_code": float(MODE_CODES[t.phase]), "tokens_issued": float(rep["issued"]),
                                "workers_lost": float(len(rep["lost"]))}
         m.update({f"worker_step_s_{r}": v for r, v in self.step_s.items()})
+        slowed = t.straggler.slowed(step - 1, t.ctx.world, t.cfg.seed)
+        m["straggler_rank"] = -1 if slowed is None else slowed
         shard0 = self.client.counters()[0]
         for k in ("tokens_applied", "tokens_decayed", "tokens_dropped", "staleness_p50", "staleness_p90", "staleness_p99"):
             if k in shard0:

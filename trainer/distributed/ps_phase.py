@@ -52,7 +52,7 @@ class PSPhase:
         self.dense_names = [n for n in self.layout.names if not self.layout.is_table(n)]
         self.id_fields = trainer.fmap.categorical + trainer.fmap.sequences
         self.cache = self._hot_cache(trainer.cfg.cache_rows, trainer.cfg.cache_staleness)
-        self.image_cache = self._hot_images(trainer.cfg.cache_rows, trainer.cfg.cache_staleness)
+        self.image_cache = self._hot_images(trainer.cfg.cache_images, trainer.cfg.cache_staleness)
         self.steps = 0
         self.mode = "gba"
         self.waits: dict[str, float] = {k: 0.0 for k in STAGES}  # seconds per stage, this worker
