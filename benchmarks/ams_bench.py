@@ -62,7 +62,6 @@ Prints one markdown table per part, writes benchmarks/results/ams_bench.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -71,7 +70,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -89,29 +87,12 @@ WAIT_S = 600.0             # the longest any one wait may take before the benchm
 # Datasets
 
 
-def _settings(cfg) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
-
-
 def ensure_dataset(work: Path, zipf: float, log=print) -> Path:
     """The default world at this Zipf exponent, generated and processed once, reused after."""
-    from pipeline.build import PipelineConfig, run_pipeline
-    from pipeline.synth.world import WorldConfig, generate
+    from pipeline.synth.world import WorldConfig
+    from worlds import ensure_world
 
-    root = work / f"zipf-{zipf:g}"
-    raw, ds, stamp = root / "raw", root / "ds", root / "ds.json"
-    world = WorldConfig(zipf=zipf, seed=0)
-    meta = raw / "world.json"
-    if not (meta.exists() and json.loads(meta.read_text()).get("settings") == _settings(world)):
-        log(f"generating the synthetic world at zipf {zipf:g} -> {raw}", flush=True)
-        generate(world, raw, overwrite=True, progress=False)
-    pcfg = PipelineConfig(raw=str(raw), out=str(ds), workers=2, track=False, progress=False, overwrite=True)
-    want = {"world_sha256": hashlib.sha256(meta.read_bytes()).hexdigest(), "pipeline": _settings(pcfg)}
-    if not ((ds / "manifest.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == want):
-        log(f"processing it -> {ds}", flush=True)
-        run_pipeline(pcfg)
-        stamp.write_text(json.dumps(want, indent=2))
-    return ds
+    return ensure_world(work / f"zipf-{zipf:g}", WorldConfig(zipf=zipf, seed=0), f"the synthetic world at zipf {zipf:g}", log)
 
 
 def _batches(loader):

@@ -37,7 +37,6 @@ on this world, so three seeds cannot settle a 0.002 band either way: read the st
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -46,7 +45,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,25 +57,10 @@ CONFIGS = {"none": "", "packing": "P", "interleave": "I", "caching": "C", "all b
 
 
 def many_field_dataset(work: Path, fields: int) -> Path:
-    from pipeline.build import PipelineConfig, run_pipeline
-    from pipeline.synth.world import WorldConfig, generate
+    from pipeline.synth.world import WorldConfig
+    from worlds import ensure_world
 
-    root = work / f"fields-{fields}"
-    raw, ds, stamp = root / "raw", root / "ds", root / "ds.json"
-    world = WorldConfig(seed=0, extra_fields=fields)
-    meta = raw / "world.json"
-    settings = json.loads(json.dumps(asdict(world), default=str))
-    if not (meta.exists() and json.loads(meta.read_text()).get("settings") == settings):
-        print(f"generating the {fields}-field world -> {raw}", flush=True)
-        generate(world, raw, overwrite=True, progress=False)
-    pcfg = PipelineConfig(raw=str(raw), out=str(ds), workers=2, track=False, progress=False, overwrite=True)
-    want = {"world_sha256": hashlib.sha256(meta.read_bytes()).hexdigest(),
-            "pipeline": json.loads(json.dumps(asdict(pcfg), default=str))}
-    if not ((ds / "manifest.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == want):
-        print(f"processing it -> {ds}", flush=True)
-        run_pipeline(pcfg)
-        stamp.write_text(json.dumps(want, indent=2))
-    return ds
+    return ensure_world(work / f"fields-{fields}", WorldConfig(seed=0, extra_fields=fields), f"the {fields}-field world")
 
 
 def run(ds: Path, out: Path, tag: str, switches: str, args, seed: int = 0, epochs: int = 1) -> dict:

@@ -306,7 +306,7 @@ def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
         c = svc.counters
         log(f"image service stopping: {int(c['embed_requests'])} embed and {int(c['backward_requests'])} backward "
             f"calls, {int(c['ids_requested'])} images requested, {int(c['unique_ids_computed'])} computed, "
-            f"{int(c['bytes_in'] + c['bytes_out'])} payload bytes")
+            f"{int(c['bytes_in'] + c['bytes_out'])} payload bytes; policy {svc.policy.describe()}")
         sys.stdout.flush()
         rpc.shutdown(graceful=False)
         _SERVER = None

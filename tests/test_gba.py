@@ -97,3 +97,14 @@ def test_image_service_gba_equals_sync_when_fresh_and_decays_stale_pushes():
     ids, grads = merge_pushes([_push([1], [[4.0, 4.0]], 4), _push([1], [[1.0, 1.0]], 0)], scale=0.5)
     assert torch.equal(late.ids, ids) and torch.allclose(late.grads, grads)
     assert gba.stats.decayed == 1 and gba.stats.updates == 2
+
+
+def test_the_image_service_follows_the_ps_gba_settings_unless_given_its_own():
+    from trainer.config import TrainConfig
+    from vitrine.errors import UserError
+
+    assert TrainConfig(mode="gba", workers=2, gba_threshold=3, gba_decay=0.25).image_gba() == (3, 0.25)
+    own = TrainConfig(mode="gba", workers=2, gba_threshold=3, gba_decay=0.25, image_gba_threshold=1000)
+    assert own.image_gba() == (1000, 0.25)
+    with pytest.raises(UserError, match="--image-gba-decay"):
+        TrainConfig(mode="gba", workers=2, image_gba_decay=2.0).check()

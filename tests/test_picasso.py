@@ -100,16 +100,20 @@ def test_interleaved_training_equals_plain_training(world_dataset, tmp_path, mod
 def test_all_optimizations_in_gba_train_and_report_their_figures(world_dataset, tmp_path):
     """GBA over 2 workers (images on, the service in its own process) with packing, interleaving, a 5%
     row cache and a 20% image cache: the job trains, both caches serve hits, and the result carries the
-    traffic and wait figures the benchmark reads."""
+    traffic and wait figures the benchmark reads, and the image service's own GBA figures (its threshold
+    set apart from the shards')."""
     import json
 
     _run(world_dataset, tmp_path / "all", "--mode", "gba", "--workers", "2", "--global-batch", "256",
          "--max-steps", "12", "--packing", "--interleave", "1", "--cache-rows", "0.05", "--cache-images", "0.2",
-         "--image-service", "spawn")
+         "--image-service", "spawn", "--image-gba-threshold", "5")
     r = json.loads((tmp_path / "all" / "result.json").read_text())
     assert r["steps"] == 12 and 0 < r["cache_hit_rate"] < 1 and r["ps_pulled_row_bytes_per_step"] > 0
     assert 0 < r["image_cache_hit_rate"] < 1
     assert r["wait_prefetch_wait_s_per_step"] >= 0 and "test_auc" in r
+    # 12 global steps of N = 2 pushes each on the image side too; its threshold is its own, its decay the PS's.
+    assert r["image_gba_updates"] == 12 and r["image_tokens_applied"] == 24 and r["image_tokens_dropped"] == 0
+    assert r["image_threshold"] == 5 and r["image_decay"] == 0.5
 
 
 def test_cached_image_embeddings_are_never_staler_than_the_bound(tmp_path):

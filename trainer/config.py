@@ -27,6 +27,11 @@ class TrainConfig:
         "slow a worker on purpose: RANK:FACTOR, random:P:FACTOR or none (multi-process modes)"))
     gba_threshold: int = field(default=2, metadata=_h("gba: staleness (global steps) a gradient keeps full weight"))
     gba_decay: float = field(default=0.5, metadata=_h("gba: weight factor per step of staleness beyond the threshold"))
+    image_gba_threshold: int | None = field(default=None, metadata=_h(
+        "gba: the image service's staleness threshold (default: --gba-threshold; see docs/DISTRIBUTED.md for "
+        "what decaying the image pushes measured)"))
+    image_gba_decay: float | None = field(default=None, metadata=_h(
+        "gba: the image service's decay per step beyond its threshold (default: --gba-decay)"))
     max_staleness: int = field(default=-1, metadata=_h(
         "PS modes: hold a token back until its batch is at most this many steps ahead of the global step "
         "(0 = synchronous over the PS, -1 = never hold back)"))
@@ -99,6 +104,11 @@ class TrainConfig:
         return ModelConfig(embed_dim=self.embed_dim, mlp=self.mlp, features=self.features,
                            aggregator=self.aggregator, image_dim=self.image_dim, packing=self.packing)
 
+    def image_gba(self) -> tuple[int, float]:
+        """(threshold, decay) of the image service's gba policy: the PS's unless set on their own."""
+        return (self.gba_threshold if self.image_gba_threshold is None else self.image_gba_threshold,
+                self.gba_decay if self.image_gba_decay is None else self.image_gba_decay)
+
     def descriptor_config(self):
         from image_service.descriptor import DescriptorConfig
 
@@ -136,6 +146,10 @@ class TrainConfig:
         if self.gba_threshold < 0 or not 0 <= self.gba_decay <= 1:
             raise UserError(f"--gba-threshold must be >= 0 and --gba-decay in [0, 1] (got {self.gba_threshold}, "
                             f"{self.gba_decay})")
+        if (self.image_gba_threshold is not None and self.image_gba_threshold < 0) or (
+                self.image_gba_decay is not None and not 0 <= self.image_gba_decay <= 1):
+            raise UserError(f"--image-gba-threshold must be >= 0 and --image-gba-decay in [0, 1] (got "
+                            f"{self.image_gba_threshold}, {self.image_gba_decay})")
         if not self.auto_ratio > 1 or self.auto_patience < 1:
             raise UserError(f"--auto-ratio must be > 1 and --auto-patience >= 1 (got {self.auto_ratio}, "
                             f"{self.auto_patience})")

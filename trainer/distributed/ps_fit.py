@@ -21,6 +21,9 @@ from vitrine import jobs
 from vitrine.errors import UserError
 
 
+SHARD_FIGURES = ("tokens_applied", "tokens_decayed", "tokens_dropped", "staleness_p50", "staleness_p90", "staleness_p99")
+
+
 def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
     from trainer.train import end_of_epoch, log_switches
 
@@ -68,6 +71,10 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
     from trainer.distributed.ps_phase import stats
 
     trainer.ps_stats = stats(ps)
+    shard0 = ps.client.counters()[0]
+    trainer.ps_stats.update({k: float(shard0[k]) for k in SHARD_FIGURES if k in shard0})
+    if trainer.service is not None:
+        trainer.ps_stats.update(image_policy_stats(trainer.service))
     if logger is not None:
         logger.log_metrics(trainer.ps_stats, step=trainer.step)
     return "stopped" if kind == "stop" else "done"
@@ -185,11 +192,10 @@ class _Coordinator:
         slowed = t.straggler.slowed(step - 1, t.ctx.world, t.cfg.seed)
         m["straggler_rank"] = -1 if slowed is None else slowed
         shard0 = self.client.counters()[0]
-        for k in ("tokens_applied", "tokens_decayed", "tokens_dropped", "staleness_p50", "staleness_p90", "staleness_p99"):
-            if k in shard0:
-                m[k] = float(shard0[k])
+        m.update({k: float(shard0[k]) for k in SHARD_FIGURES if k in shard0})
         if t.service is not None:
             m.update(t.service.meter.summary())
+            m.update(image_policy_stats(t.service))
         self.logger.log_metrics({k: v for k, v in m.items() if v == v}, step=step)
 
     def _checkpoint(self, rep: dict[str, Any]) -> None:
@@ -205,3 +211,13 @@ class _Coordinator:
     def close(self) -> None:
         rep = self.client.tokens("report")
         self._log(self.t.step, rep)
+
+
+def image_policy_stats(service) -> dict[str, float]:
+    """The image service's own GBA figures (its pushes are weighed apart from the shards'), prefixed
+    `image_`: decays on the image side cost the default world more AUC than on the PS side
+    (docs/DISTRIBUTED.md), so they are logged beside the shards' own."""
+    info = service.info() if hasattr(service, "info") else {}
+    pol = info.get("policy", {})
+    return {f"image_{k}": float(v) for k, v in pol.items()
+            if k.startswith(("tokens_", "staleness_", "gba_updates", "threshold", "decay")) and k != "tokens_issued"}

@@ -83,7 +83,7 @@ class PSPhase:
         if t.service is None:
             return
         name = {"ar": "sync", "gba": "gba", "async": "immediate"}[mode]
-        t.service.set_policy(name, self.ctx.world, cfg.gba_threshold, cfg.gba_decay, t.step if step is None else step)
+        t.service.set_policy(name, self.ctx.world, *cfg.image_gba(), t.step if step is None else step)
 
     def start(self, mode: str, first_batch: int) -> None:
         """Every worker, after the entry barrier."""
