@@ -28,8 +28,7 @@ class TrainConfig:
     gba_threshold: int = field(default=2, metadata=_h("gba: staleness (global steps) a gradient keeps full weight"))
     gba_decay: float = field(default=0.5, metadata=_h("gba: weight factor per step of staleness beyond the threshold"))
     image_gba_threshold: int | None = field(default=None, metadata=_h(
-        "gba: the image service's staleness threshold (default: --gba-threshold; see docs/DISTRIBUTED.md for "
-        "what decaying the image pushes measured)"))
+        "gba: the image service's staleness threshold (default: --gba-threshold)"))
     image_gba_decay: float | None = field(default=None, metadata=_h(
         "gba: the image service's decay per step beyond its threshold (default: --gba-decay)"))
     max_staleness: int = field(default=-1, metadata=_h(

@@ -214,9 +214,9 @@ class _Coordinator:
 
 
 def image_policy_stats(service) -> dict[str, float]:
-    """The image service's own GBA figures (its pushes are weighed apart from the shards'), prefixed
-    `image_`: decays on the image side cost the default world more AUC than on the PS side
-    (docs/DISTRIBUTED.md), so they are logged beside the shards' own."""
+    """The image service's own GBA figures, prefixed `image_`: its pushes are weighed by its own
+    aggregator (and may have their own threshold and decay), so the shards' figures do not tell
+    what happened to the descriptor head's gradients."""
     info = service.info() if hasattr(service, "info") else {}
     pol = info.get("policy", {})
     return {f"image_{k}": float(v) for k, v in pol.items()
