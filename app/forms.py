@@ -37,7 +37,7 @@ FORM_ERROR = "_form"  # errors that belong to no single field
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str  # bool | int | float | str | optional_str | choice | int_list | str_list | lines
+    kind: str  # bool | int | float | optional_int | optional_float | str | optional_str | choice | int_list | str_list | lines
     default: Any
     help: str
     choices: tuple[Any, ...] = ()
@@ -108,10 +108,9 @@ def _kind(tp: Any, optional: bool, meta: dict[str, Any]) -> str:
     if typing.get_origin(tp) in (tuple, list):
         item = (typing.get_args(tp) or (str,))[0]
         return "int_list" if item is int else "str_list"
-    if tp is int:
-        return "int"
-    if tp is float:
-        return "float"
+    if tp in (int, float):
+        # An optional number left empty means "not set" (None: e.g. follow another setting).
+        return ("optional_" if optional else "") + tp.__name__
     return "optional_str" if optional else "str"
 
 
@@ -177,6 +176,10 @@ def parse_value(f: Field, raw: Any) -> Any:
             raise UserError(f"must be one of {', '.join(map(str, f.choices))}, got {_show(raw)}")
         return raw
     text = "" if raw is None else str(raw).strip()
+    if f.kind in ("optional_int", "optional_float"):
+        if not text:
+            return None
+        f = dataclasses.replace(f, kind=f.kind.removeprefix("optional_"))
     if f.kind == "int":
         try:
             return int(text)

@@ -168,7 +168,9 @@ def test_service_death_stops_the_job_which_resumes_exactly(world_dataset, tmp_pa
                                 "--run-dir", str(run)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 120
-    while not (state / "checkpoint.pt").exists() or torch.load(state / "checkpoint.pt")["step"] < 6:
+    # The trainer writes its own checkpoint after asking the service for one, so waiting on the
+    # trainer's (not the service's) means both hold step >= 6 when the service is killed.
+    while not (run / "checkpoint.pt").exists() or torch.load(run / "checkpoint.pt", weights_only=False)["step"] < 6:
         assert trainer.poll() is None, trainer.communicate()
         assert time.monotonic() < deadline, "the trainer made no progress"
         time.sleep(0.02)

@@ -168,6 +168,7 @@ def _error_after(at: AppTest, key: str) -> str | None:
     ("train", {"mlp": "200, x"}, "mlp", "whole numbers separated by commas"),
     ("train", {"dataset": "/nonexistent/ds"}, "dataset", "/nonexistent/ds does not exist"),
     ("train", {"trunk_weights": "/nonexistent.pth"}, "trunk_weights", "no file /nonexistent.pth"),
+    ("train", {"image_gba_threshold": "soon"}, "image_gba_threshold", "image gba threshold: must be a whole number"),
 ])
 def test_a_bad_value_is_explained_next_to_its_field_and_nothing_starts(empty, command, values, field, message):
     at = page("launch")
@@ -217,6 +218,21 @@ def test_forms_round_trip_through_the_real_parser(empty, tmp_path):
     assert ns.out == str(tmp_path / "rel" / "world") and ns.overwrite and not ns.progress
     assert from_args(WorldConfig, ns) == WorldConfig(scale=0.5, seed=-3, image_format="png")
     assert "--seed=-3" in argv  # a value that looks like a flag travels attached
+
+
+def test_an_optional_number_left_empty_stays_unset(empty, world_dataset, tmp_path):
+    """`--image-gba-threshold` / `--image-gba-decay` default to None (follow the shards' settings): an
+    empty field must launch without the flag, a filled one with it."""
+    from app import forms
+    from trainer.config import TrainConfig
+    from vitrine.cli import build_parser
+    from vitrine.config import from_args
+
+    argv, errors = forms.prepare("train", {"dataset": str(world_dataset), "image_gba_decay": "1"}, tmp_path)
+    assert not errors, errors
+    assert not any(a.startswith("--image-gba-threshold") for a in argv), argv
+    cfg = from_args(TrainConfig, build_parser().parse_args(argv))
+    assert cfg.image_gba_threshold is None and cfg.image_gba() == (cfg.gba_threshold, 1.0)
 
 
 def test_non_loopback_without_a_token_shows_nothing(empty):
