@@ -18,9 +18,9 @@ samples per second (train rows / training seconds: every mode sees the same rows
 AUC difference to ar paired by seed with its standard error; global steps; the mean number of
 gradients the PS shard 0 and the image service decayed for staleness; the mode switches of the first
 seed. `--only ar gba "gba img-decay 1"` adds a row beyond the targets at the largest factor: GBA with
-the image service's pushes never decayed (`--image-gba-decay 1`; the shards still decay theirs). Then the noise floor: how far ar's AUC moves
-between seeds, and between runs of the same seed (ar's arithmetic ignores the straggler, so its runs
-at one seed differ only by float non-determinism).
+the image service's pushes never decayed (`--image-gba-decay 1`; the shards still decay theirs).
+Then the noise floor: how far ar's AUC moves between seeds, and between runs of the same seed (ar's
+arithmetic ignores the straggler, so its runs at one seed differ only by float non-determinism).
 
 Targets (exit 1 on a miss, after the table), on the means: at the largest factor GBA's samples/s >=
 2.4 x AR's; at every factor GBA's test AUC within 0.002 of AR's and not below async's; the switched

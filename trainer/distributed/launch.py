@@ -41,9 +41,9 @@ def launch(cfg, run_dir: Path) -> dict[str, Any]:
     if cfg.features != "ids" and cfg.image_service in ("local", "spawn"):
         # Workers are separate processes: the descriptor can only be shared as a service.
         policy = {"async": "immediate", "gba": "gba"}.get(cfg.mode, "sync")
+        threshold, decay = cfg.image_gba()
         spawned = SpawnedService(cfg.dataset, cfg.descriptor_config(), run_dir / "image_service",
-                                 policy=policy, workers=cfg.workers, gba_threshold=cfg.image_gba()[0],
-                                 gba_decay=cfg.image_gba()[1])
+                                 policy=policy, workers=cfg.workers, gba_threshold=threshold, gba_decay=decay)
         address = spawned.address
     key = secrets.token_hex(4)
     worker_cfg = replace(cfg, image_service=address, run_dir=str(run_dir))

@@ -70,11 +70,7 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
     log_switches(trainer, logger)
     from trainer.distributed.ps_phase import stats
 
-    trainer.ps_stats = stats(ps)
-    shard0 = ps.client.counters()[0]
-    trainer.ps_stats.update({k: float(shard0[k]) for k in SHARD_FIGURES if k in shard0})
-    if trainer.service is not None:
-        trainer.ps_stats.update(image_policy_stats(trainer.service))
+    trainer.ps_stats = {**stats(ps), **gba_figures(ps.client, trainer.service)}
     if logger is not None:
         logger.log_metrics(trainer.ps_stats, step=trainer.step)
     return "stopped" if kind == "stop" else "done"
@@ -191,11 +187,9 @@ class _Coordinator:
         m.update({f"worker_step_s_{r}": v for r, v in self.step_s.items()})
         slowed = t.straggler.slowed(step - 1, t.ctx.world, t.cfg.seed)
         m["straggler_rank"] = -1 if slowed is None else slowed
-        shard0 = self.client.counters()[0]
-        m.update({k: float(shard0[k]) for k in SHARD_FIGURES if k in shard0})
+        m.update(gba_figures(self.client, t.service))
         if t.service is not None:
             m.update(t.service.meter.summary())
-            m.update(image_policy_stats(t.service))
         self.logger.log_metrics({k: v for k, v in m.items() if v == v}, step=step)
 
     def _checkpoint(self, rep: dict[str, Any]) -> None:
@@ -213,11 +207,14 @@ class _Coordinator:
         self._log(self.t.step, rep)
 
 
-def image_policy_stats(service) -> dict[str, float]:
-    """The image service's own GBA figures, prefixed `image_`: its pushes are weighed by its own
-    aggregator (and may have their own threshold and decay), so the shards' figures do not tell
-    what happened to the descriptor head's gradients."""
-    info = service.info() if hasattr(service, "info") else {}
-    pol = info.get("policy", {})
-    return {f"image_{k}": float(v) for k, v in pol.items()
-            if k.startswith(("tokens_", "staleness_", "gba_updates", "threshold", "decay")) and k != "tokens_issued"}
+def gba_figures(client, service) -> dict[str, float]:
+    """Shard 0's token figures, and the image service's own prefixed `image_`: its pushes are weighed
+    by its own aggregator (with its own threshold and decay, possibly), so the shards' figures do not
+    tell what happened to the descriptor head's gradients. A PS phase's service is always remote."""
+    shard0 = client.counters()[0]
+    out = {k: float(shard0[k]) for k in SHARD_FIGURES if k in shard0}
+    if service is not None:
+        out.update({f"image_{k}": float(v) for k, v in service.info()["policy"].items()
+                    if k.startswith(("tokens_", "staleness_", "gba_updates", "threshold", "decay"))
+                    and k != "tokens_issued"})
+    return out
