@@ -4,8 +4,8 @@ What runs: the default synthetic world (zipf 1.05, seed 0; generated and process
 data/bench/ams/zipf-1.05, shared with ams_bench.py), `vitrine train` with 4 workers, global batch
 1024 (256 per worker), Adam lr 1e-3, images on (the image service in its own process), three epochs
 over the train split (`--epochs`), one PS shard, each configuration once per training seed
-(`--seeds`, default 0 1 2). Worker 1 is slowed 1x (no straggler), 2x and 4x (`--straggler 1:F`: it
-sleeps (F-1) x its own compute time each step). Modes:
+(`--seeds`, default 0 1 2). Worker 1 is slowed 1x (no straggler), 2x and 4x (`--straggler 1:F`: after
+its own work of a step, data, pulls, embeddings, compute and pushes, it sleeps F-1 times as long). Modes:
 
 - `ar`: synchronous all-reduce; `async`: PS, each local gradient applied at once; `gba`: PS, N = 4
   gradients per update, threshold 2, decay 0.5;
@@ -16,8 +16,9 @@ Reported per configuration, as means over the seeds: training seconds (the job's
 `train_seconds`: the training loop, without the start-up of the processes and without evaluation),
 samples per second (train rows / training seconds: every mode sees the same rows), test AUC, and the
 AUC difference to ar paired by seed with its standard error; global steps; the mean number of
-gradients the PS shard 0 and the image service decayed for staleness; the mode switches of the first
-seed. `--only ar gba "gba img-decay 1"` adds a row beyond the targets at the largest factor: GBA with
+gradients the PS shard 0 and the image service decayed for staleness; worker 1's pace (its tokens over
+the median of the others', in PS phases: about 1/F when the straggler really is F times slower); the
+mode switches of the first seed. `--only ar gba "gba img-decay 1"` adds a row beyond the targets at the largest factor: GBA with
 the image service's pushes never decayed (`--image-gba-decay 1`; the shards still decay theirs).
 Then the noise floor: how far ar's AUC moves between seeds, and between runs of the same seed (ar's
 arithmetic ignores the straggler, so its runs at one seed differ only by float non-determinism).
@@ -79,6 +80,16 @@ def run(ds: Path, out: Path, mode: str, factor: float, seed: int, args, extra: l
     return res
 
 
+def straggler_pace(result: dict) -> float | None:
+    """Worker 1's tokens over the median of the other workers' in the run's PS phases: how slow the
+    straggler really was (1/FACTOR when its steps take FACTOR times as long); None without PS phases."""
+    tokens = {int(k.rsplit("_", 1)[1]): v for k, v in result.items() if k.startswith("worker_tokens_")}
+    others = [v for r, v in tokens.items() if r != 1]
+    if 1 not in tokens or not others or statistics.median(others) <= 0:
+        return None
+    return tokens[1] / statistics.median(others)
+
+
 def paired(results: dict, mode: str, factor: float, seeds: list[int], ref: str = "ar") -> tuple[float, float]:
     """Mean over seeds of (mode's test AUC - ref's, same seed) and its standard error."""
     d = [results[(mode, factor, s)]["test_auc"] - results[(ref, factor, s)]["test_auc"] for s in seeds]
@@ -137,8 +148,8 @@ def main() -> int:
     print(f"Means over seeds {', '.join(map(str, seeds))}; AUC - ar is paired by seed, +- its standard error.")
     print()
     print("| straggler | mode | train s | samples/s | vs ar | test AUC | AUC - ar | steps | decayed PS/images | "
-          f"switches (seed {seeds[0]}) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"worker 1's pace | switches (seed {seeds[0]}) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode, factor, _ in plans:
         secs, ar_secs = mean(mode, factor, "train_seconds"), mean("ar", factor, "train_seconds")
         d, se = paired(results, mode, factor, seeds)
@@ -147,8 +158,11 @@ def main() -> int:
         decayed = ("/".join(f"{statistics.fmean(results[(mode, factor, s)].get(k, 0) for s in seeds):.1f}"
                             for k in ("tokens_decayed", "image_tokens_decayed"))
                    if "tokens_decayed" in first else "-")
+        pace = statistics.fmean(p for s in seeds if (p := straggler_pace(results[(mode, factor, s)])) is not None) \
+            if straggler_pace(first) is not None else None
         print(f"| {factor:g}x | {mode} | {secs:.1f} | {samples / secs:,.0f} | {ar_secs / secs:.2f}x | "
-              f"{mean(mode, factor, 'test_auc'):.4f} | {d:+.4f} +- {se:.4f} | {first['steps']} | {decayed} | {sw} |")
+              f"{mean(mode, factor, 'test_auc'):.4f} | {d:+.4f} +- {se:.4f} | {first['steps']} | {decayed} | "
+              f"{'-' if pace is None else f'{pace:.2f}'} | {sw} |")
     if len(seeds) > 1:
         # ar's arithmetic does not depend on the straggler: its runs at one seed differ only by float
         # non-determinism (merged image requests); across seeds, by everything a seed draws.

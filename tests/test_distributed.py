@@ -49,6 +49,8 @@ def test_straggler_specs():
 
     s = Straggler.parse("1:4", 4)
     assert s.slowed(7, 4) == 1 and s.delay(1, 7, 4, 0.5) == pytest.approx(1.5) and s.delay(0, 7, 4, 0.5) == 0
+    # Against its peers' median step: 4 x 0.2 s in all, of which 0.5 s was its own work.
+    assert s.delay(1, 7, 4, 0.5, peers_s=0.2) == pytest.approx(0.3) and s.delay(1, 7, 4, 0.9, peers_s=0.2) == 0
     r = Straggler.parse("random:0.5:3", 4)
     picks = [r.slowed(step, 4, seed=0) for step in range(400)]
     assert picks == [r.slowed(step, 4, seed=0) for step in range(400)]  # every worker draws the same
@@ -79,6 +81,21 @@ def test_a_straggler_slows_the_whole_synchronous_step(world_dataset, tmp_path):
     # Worker 1 sleeps 3x its own compute time on top of it; the shares are equal, so its step takes
     # clearly longer (the exact factor is a benchmark's business: timing here only has to be robust).
     assert ratio[len(ratio) // 2] > 2.0, ratio
+
+
+def test_a_gba_straggler_trains_on_fewer_tokens(world_dataset, tmp_path):
+    """In gba nobody waits for worker 1 at 4x: the others take the tokens it is too slow for, and the
+    job's result says how many each worker trained on (all of them accounted for)."""
+    import json
+
+    args = ["--mode", "gba", "--workers", "2", "--global-batch", "256", "--max-steps", "16", "--features", "ids",
+            "--straggler", "1:4"]
+    _train(world_dataset, tmp_path / "slow", *args)
+    result = json.loads((tmp_path / "slow" / "result.json").read_text())
+    tokens = {r: result[f"worker_tokens_{r}"] for r in (0, 1)}
+    assert tokens[0] + tokens[1] == 2 * 16, tokens  # two slices per global step, each trained once
+    # Worker 1's steps take 4x as long as worker 0's: robustly fewer (timing: never exactly 1/4).
+    assert tokens[1] < 0.7 * tokens[0], tokens
 
 
 @pytest.mark.parametrize("mode", ["ar", "gba"])

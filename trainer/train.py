@@ -19,6 +19,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import threading
 import time
 from dataclasses import asdict, replace
@@ -92,6 +93,10 @@ class Trainer:
         self.stop_requested = False  # the loop ends after this step (in AR: all workers agreed)
         self._stop_pending = False  # asked here (SIGTERM, control channel), not yet shared
         self.worker_step_s: list[float] = []  # last step, per worker (multi-process modes)
+        # The straggler's sleep is a multiple of its own work in a step: the loop's wait for the batch,
+        # the step up to the all-reduce, and (from the step before) what follows it.
+        self.data_s = 0.0
+        self._after_reduce_s = 0.0
         self.straggler = None
         if ctx is not None:
             from trainer.distributed.stragglers import Straggler
@@ -192,8 +197,10 @@ class Trainer:
         if self.ctx is None and self.control is not None:
             self._control_commands()
         if self.ctx is not None:
-            compute_s = time.perf_counter() - t0
-            pause = self.straggler.delay(self.ctx.rank, self.step, self.ctx.world, compute_s, self.cfg.seed)
+            own_s = self.data_s + (time.perf_counter() - t0) + self._after_reduce_s
+            peers = [t for r, t in enumerate(self.worker_step_s) if r != self.ctx.rank and t > 0]
+            pause = self.straggler.delay(self.ctx.rank, self.step, self.ctx.world, own_s, self.cfg.seed,
+                                         statistics.median(peers) if peers else 0.0)
             if pause:
                 time.sleep(pause)
             new_straggler = self._control_commands()  # may ask to stop: read before the flag is sent
@@ -202,8 +209,9 @@ class Trainer:
             pending = self._stop_pending
             switch, self._switch_pending = self._switch_pending, None
             rep = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()), pending,
-                                            time.perf_counter() - t0, new_straggler,
+                                            own_s + pause, new_straggler,
                                             MODE_CODES[switch] if switch else 0)
+            t_reduced = time.perf_counter()
             self.stop_requested = rep.stop
             self.worker_step_s = rep.step_s
             if rep.switch:
@@ -224,6 +232,8 @@ class Trainer:
         img.push_gradients(self.service, token=self.step)
         if self.service is not None:
             self.service.count_samples(int(batch["label"].shape[0]))
+        if self.ctx is not None:
+            self._after_reduce_s = time.perf_counter() - t_reduced
         self.step += 1
         return float(loss.detach())
 
@@ -599,8 +609,14 @@ def _fit_sync(trainer: Trainer, run_dir: Path, logger, total: int, bar) -> str:
     window_t, window_n = time.perf_counter(), 0
     done = trainer.step >= total
     while not done and trainer.epoch < cfg.epochs:
-        batches = trainer.train_loader.epoch(trainer.epoch, skip_batches=trainer.batch_in_epoch)
-        for batch in prefetched(batches, cfg.interleave):
+        batches = iter(prefetched(trainer.train_loader.epoch(trainer.epoch, skip_batches=trainer.batch_in_epoch),
+                                  cfg.interleave))
+        while True:
+            t_data = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            trainer.data_s = time.perf_counter() - t_data
             loss = trainer.train_step(batch)
             trainer.batch_in_epoch += 1
             window_n += int(batch["label"].shape[0])

@@ -71,6 +71,8 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
     from trainer.distributed.ps_phase import stats
 
     trainer.ps_stats = {**stats(ps), **gba_figures(ps.client, trainer.service)}
+    # Tokens each worker trained on in the job's PS phases: a straggler's share shows how slow it really was.
+    trainer.ps_stats.update({f"worker_tokens_{r}": float(n) for r, n in ps.client.tokens("report")["steps"].items()})
     if logger is not None:
         logger.log_metrics(trainer.ps_stats, step=trainer.step)
     return "stopped" if kind == "stop" else "done"

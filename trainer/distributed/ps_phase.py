@@ -56,6 +56,7 @@ class PSPhase:
         self.steps = 0
         self.mode = "gba"
         self.waits: dict[str, float] = {k: 0.0 for k in STAGES}  # seconds per stage, this worker
+        self._own_mark = 0.0  # the own-work stages' total at the last straggler decision
         self._it = None
         self._pos = 0
         self._last: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -216,7 +217,6 @@ class PSPhase:
         t = self.t
         if prep is None:
             prep = self.prepare(tok)
-        t0 = time.perf_counter()
         clock = _Clock(self.waits)
         batch, share, ids, img = prep["batch"], prep["share"], prep["ids"], prep["img"]
         with torch.no_grad():
@@ -232,7 +232,9 @@ class PSPhase:
         loss.backward()
         clock("compute")
         straggler = t.straggler.from_tuple(tuple(tok["straggler"]))
-        pause = straggler.delay(self.ctx.rank, int(tok["id"]), self.ctx.world, time.perf_counter() - t0, t.cfg.seed)
+        own_s = self._own_work_s()
+        pause = straggler.delay(self.ctx.rank, int(tok["id"]), self.ctx.world, own_s, t.cfg.seed,
+                                float(tok.get("peers_s", 0.0)))
         if pause:
             time.sleep(pause)
         clock("straggler")
@@ -253,8 +255,17 @@ class PSPhase:
         self.steps += 1
         if t.service is not None:
             t.service.count_samples(n)
-        self.last_step_s = time.perf_counter() - t0
+        self.last_step_s = own_s + pause  # what the token book compares: own work and the straggler's sleep
         return float(loss.detach()) / share, n
+
+    def _own_work_s(self) -> float:
+        """This worker's own work since the last call: its data, pulls, embeddings, compute and pushes
+        (with `--interleave`, the wait for the prefetched step instead of the prefetching itself). Token
+        waits (on other workers, under --max-staleness) and the coordinator's duties are not its work."""
+        stages = OWN_STAGES if self.t.cfg.interleave <= 0 else OWN_STAGES_INTERLEAVED
+        total = sum(self.waits[s] for s in stages)
+        own, self._own_mark = total - self._own_mark, total
+        return own
 
     # -- the loop -------------------------------------------------------------------------------------
     def _answers(self):
@@ -358,6 +369,8 @@ class PSPhase:
 
 STAGES = ("token", "data", "pull", "embed", "prefetch_wait", "compute", "straggler", "image_push", "push",
           "coordinator")
+OWN_STAGES = ("data", "pull", "embed", "compute", "image_push", "push")
+OWN_STAGES_INTERLEAVED = ("prefetch_wait", "compute", "image_push", "push")
 
 
 class _Clock:

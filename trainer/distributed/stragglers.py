@@ -1,7 +1,14 @@
 """Slowing a worker down on purpose, to show what stragglers do to each training mode.
 
-`RANK:FACTOR` makes worker RANK take FACTOR times as long for its share of every step (it sleeps
-(FACTOR - 1) x its own compute time); `random:P:FACTOR` slows, at each step with probability P, one
+`RANK:FACTOR` makes worker RANK take FACTOR times as long per step as the other workers (the median
+of their last steps): after its own work of a step it sleeps the difference. Its own work is
+everything it does itself: waiting for its batch, PS pulls and image embeddings, forward and
+backward, the optimizer step or the pushes; not what it waits for on other workers (the all-reduce,
+tokens held back by --max-staleness) or the coordinator's duties. Measured against its peers rather
+than against itself, because a slow worker's own work grows with its slowness (in the PS modes it
+walks past the batches the others took) and shrinks the others' (its sleep frees the cores they
+share here): FACTOR is the pace a benchmark sees, in every mode. Before any peer has timed a step it
+sleeps (FACTOR - 1) x its own work. `random:P:FACTOR` slows, at each step with probability P, one
 worker drawn at random. The draw is seeded by the step, so every worker agrees on who straggles
 without talking about it. `none` (or empty) slows nobody.
 """
@@ -57,5 +64,9 @@ class Straggler:
         rng = random.Random(seed * 1_000_003 + step)
         return rng.randrange(workers) if rng.random() < self.probability else None
 
-    def delay(self, rank: int, step: int, workers: int, compute_s: float, seed: int = 0) -> float:
-        return (self.factor - 1) * compute_s if self.slowed(step, workers, seed) == rank else 0.0
+    def delay(self, rank: int, step: int, workers: int, own_s: float, seed: int = 0, peers_s: float = 0.0) -> float:
+        """Seconds to sleep after `own_s` of own work so that the step takes FACTOR x `peers_s` (the
+        other workers' median step; FACTOR x `own_s` while that is unknown, i.e. 0)."""
+        if self.slowed(step, workers, seed) != rank:
+            return 0.0
+        return max(self.factor * (peers_s if peers_s > 0 else own_s) - own_s, 0.0)

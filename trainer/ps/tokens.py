@@ -29,7 +29,7 @@ from trainer.ps.shard import ParameterShard
 @dataclass
 class WorkerView:
     name: str = ""
-    step_s: float = 0.0  # the last local step's time (compute and straggler pause, not waiting)
+    step_s: float = 0.0  # the last step's own work and straggler pause (not waiting on others)
     steps: int = 0
     samples: int = 0
     loss_sum: float = 0.0
@@ -113,8 +113,9 @@ class TokenBook:
             self.next_id += 1
             self.issued += 1
             w.holding = tok
+            peers = [v.step_s for r, v in self.workers.items() if r != rank and r not in self.lost and v.step_s > 0]
             return {"kind": "token", "id": tok, "step": self.shard.step, "batch": tok // self.n, "slice": tok % self.n,
-                    "straggler": self.straggler}
+                    "straggler": self.straggler, "peers_s": statistics.median(peers) if peers else 0.0}
 
     def finish(self, rank: int) -> None:
         with self.cond:
@@ -134,6 +135,7 @@ class TokenBook:
             out: dict[str, Any] = {"step": self.shard.step, "issued": self.issued, "done": sorted(self.done),
                                    "lost": sorted(self.lost), "next_batch": -(-self.next_id // self.n),
                                    "step_s": {r: w.step_s for r, w in self.workers.items()},
+                                   "steps": {r: w.steps for r, w in self.workers.items()},
                                    "names": {r: w.name for r, w in self.workers.items()}}
             n = sum(w.loss_n for w in self.workers.values())
             out["loss"] = sum(w.loss_sum for w in self.workers.values()) / n if n else None
