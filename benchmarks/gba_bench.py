@@ -4,8 +4,8 @@ What runs: the default synthetic world (zipf 1.05, seed 0; generated and process
 data/bench/ams/zipf-1.05, shared with ams_bench.py), `vitrine train` with 4 workers, global batch
 1024 (256 per worker), Adam lr 1e-3, images on (the image service in its own process), three epochs
 over the train split (`--epochs`), one PS shard, each configuration once per training seed
-(`--seeds`, default 0 1 2). Worker 1 is slowed 1x (no straggler), 2x and 4x (`--straggler 1:F`: after
-its own work of a step, data, pulls, embeddings, compute and pushes, it sleeps F-1 times as long). Modes:
+(`--seeds`, default 0 1 2). Worker 1 is slowed 1x (no straggler), 2x and 4x (`--straggler 1:F`: its
+steps take F times as long as the median of the other workers', see trainer/distributed/stragglers.py). Modes:
 
 - `ar`: synchronous all-reduce; `async`: PS, each local gradient applied at once; `gba`: PS, N = 4
   gradients per update, threshold 2, decay 0.5;
