@@ -39,6 +39,11 @@ def test_packed_and_unpacked_models_give_the_same_outputs_and_gradients(features
         else:
             assert torch.allclose(grads[n].grad, p.grad, rtol=0, atol=1e-12), n
     assert not grads["packed.weight"].grad[0].any()  # the shared padding row never trains
+    # What a PS worker pulls: the same rows, in the packed table's numbering.
+    plain_rows = plain.read_rows(batch)
+    mapped = [packed.vocab_rows(v, plain_rows[f"embeddings.{v.replace('.', '_')}.weight"])[1]
+              for v in fmap.vocabs if f"embeddings.{v.replace('.', '_')}.weight" in plain_rows]
+    assert torch.equal(packed.read_rows(batch)["packed.weight"], torch.unique(torch.cat(mapped)))
 
 
 def test_cached_rows_are_never_staler_than_the_bound():

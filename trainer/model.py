@@ -118,6 +118,11 @@ class DICM(nn.Module):
             nn.init.normal_(self.packed.weight, std=EMBED_STD)
             with torch.no_grad():
                 self.packed.weight[0].zero_()
+            # Every categorical field's offset into the packed table, so that the (B, F) matrix of their
+            # ids becomes packed rows in one operation however many fields there are.
+            self.register_buffer("cat_offsets", torch.tensor(
+                [self.start[str(f.vocab)] - 1 for f in fmap.categorical], dtype=torch.long),
+                persistent=False)
         for vocab, size in ({} if cfg.packing else fmap.vocabs).items():
             k = _key(vocab)
             if k in self.embeddings:
@@ -191,6 +196,25 @@ class DICM(nn.Module):
             return f"embeddings.{_key(vocab)}.weight", ids
         return "packed.weight", torch.where(ids > 0, ids + (self.start[vocab] - 1), torch.zeros_like(ids))
 
+    def read_rows(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every embedding row a batch reads (padding included), per parameter name, sorted unique:
+        what a parameter-server worker pulls. Packed, the categorical fields are mapped at once."""
+        fields = self.fmap.categorical + self.fmap.sequences
+        if self.packed is not None:
+            parts = [self._packed_categorical(batch).reshape(-1)]
+            parts += [self.rows(f, batch[f.name])[1].reshape(-1) for f in self.fmap.sequences]
+            return {"packed.weight": torch.unique(torch.cat(parts))}
+        touched: dict[str, list[Tensor]] = {}
+        for f in fields:
+            name, rows = self.rows(f, batch[f.name])
+            touched.setdefault(name, []).append(rows.reshape(-1))
+        return {name: torch.unique(torch.cat(parts)) for name, parts in touched.items()}
+
+    def _packed_categorical(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """(B, F) packed rows of the categorical fields, in the feature map's order."""
+        ids = torch.stack([batch[f.name] for f in self.fmap.categorical], dim=1)
+        return torch.where(ids > 0, ids + self.cat_offsets, torch.zeros_like(ids))
+
     def lookup(self, lookups: list[tuple[Field, Tensor]]) -> list[Tensor]:
         """Embeddings of several fields' ids (any shapes): one lookup per field, or one in all when packed."""
         if self.packed is None:
@@ -224,25 +248,40 @@ class DICM(nn.Module):
             L = self._seq_len(batch, hist_image_emb)
             mask = torch.arange(L, device=hist_len.device).unsqueeze(0) < hist_len.reshape(-1, 1)
         # Every ID lookup of the forward pass at once (one operation when the tables are packed).
-        lookups = [(f, batch[f.name]) for f in self.fmap.categorical]
+        seq_lookups: list[tuple[Field, Tensor]] = []
         rows = cols = None
         if self.id_attention is not None:
             assert mask is not None
             rows, cols = pack(mask)  # look up only the real positions
-            lookups += [(s, batch[s.name][rows, cols]) for s, _ in self.paired]
-        lookups += [(s, batch[s.name]) for s in self.unpaired]
-        embs = self.lookup(lookups)
+            seq_lookups += [(s, batch[s.name][rows, cols]) for s in (s for s, _ in self.paired)]
+        seq_lookups += [(s, batch[s.name]) for s in self.unpaired]
         nc = len(self.fmap.categorical)
-        cat_emb = {f.name: e for f, e in zip(self.fmap.categorical, embs[:nc])}
-        parts = list(cat_emb.values())
+        if self.packed is None:
+            embs = self.lookup([(f, batch[f.name]) for f in self.fmap.categorical] + seq_lookups)
+            cat_emb = {f.name: e for f, e in zip(self.fmap.categorical, embs[:nc])}
+            parts = list(cat_emb.values())
+            embs = embs[nc:]
+        else:
+            # Packed: the categorical fields' (B, F) rows and the sequences' rows in one lookup; the
+            # fields' embeddings stay one (B, F * d) block (the same values as their concatenation).
+            cat_rows = self._packed_categorical(batch)
+            flat = torch.cat([cat_rows.reshape(-1)] + [self.rows(f, ids)[1].reshape(-1) for f, ids in seq_lookups])
+            out = self.packed(flat)
+            B = cat_rows.shape[0]
+            cat3 = out[:B * nc].reshape(B, nc, -1)
+            embs = [o.reshape(*ids.shape, o.shape[-1]) for o, (_, ids) in
+                    zip(out[B * nc:].split([ids.numel() for _, ids in seq_lookups]), seq_lookups)]
+            position = {f.name: i for i, f in enumerate(self.fmap.categorical)}
+            cat_emb = _Columns(cat3, position)
+            parts = [cat3.reshape(B, -1)]
         B = parts[0].shape[0]
 
         if self.id_attention is not None:
             assert mask is not None and rows is not None and cols is not None
             query = torch.cat([cat_emb[a.name] for _, a in self.paired], dim=-1)
-            keys = torch.cat(embs[nc:nc + len(self.paired)], dim=-1)
+            keys = torch.cat(embs[:len(self.paired)], dim=-1)
             parts.append(self.id_attention.forward_packed(query, keys, rows, cols, mask.shape[1]))
-        for s, e in zip(self.unpaired, embs[nc + len(self.paired):]):
+        for s, e in zip(self.unpaired, embs[len(self.paired):]):
             assert mask is not None
             parts.append(masked_sum(e, mask))
 
@@ -272,13 +311,13 @@ class DICM(nn.Module):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
         return t
 
-    def _cat_query(self, cat_emb: dict[str, Tensor]) -> Tensor:
+    def _cat_query(self, cat_emb: Mapping[str, Tensor]) -> Tensor:
         assert self.query_field is not None
         q = cat_emb[self.query_field.name]
         return self.query_proj(q) if self.query_proj is not None else q
 
     def _aggregate_images(
-        self, hist: Tensor, mask: Tensor, ad: Tensor | None, cat_emb: dict[str, Tensor]
+        self, hist: Tensor, mask: Tensor, ad: Tensor | None, cat_emb: Mapping[str, Tensor]
     ) -> list[Tensor]:
         agg = self.cfg.aggregator
         if agg == "sum":
@@ -296,3 +335,20 @@ class DICM(nn.Module):
     def extra_repr(self) -> str:
         return (f"features={self.cfg.features!r}, aggregator={self.cfg.aggregator!r}, "
                 f"paired={[(s.name, a.name) for s, a in self.paired]}, mlp_in={self.mlp_in_dim}")
+
+
+class _Columns(Mapping[str, Tensor]):
+    """A field's (B, d) embedding by name, read from the packed (B, F, d) block only when asked for
+    (the attention queries need two or three of the F fields)."""
+
+    def __init__(self, block: Tensor, position: dict[str, int]):
+        self.block, self.position = block, position
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.block[:, self.position[name]]
+
+    def __iter__(self):
+        return iter(self.position)
+
+    def __len__(self) -> int:
+        return len(self.position)

@@ -50,7 +50,6 @@ class PSPhase:
         self.client = PSClient(key, self.layout, per_table=not trainer.cfg.packing)
         self.params = dict(trainer.model.named_parameters())
         self.dense_names = [n for n in self.layout.names if not self.layout.is_table(n)]
-        self.id_fields = trainer.fmap.categorical + trainer.fmap.sequences
         self.cache = self._hot_cache(trainer.cfg.cache_rows, trainer.cfg.cache_staleness)
         self.image_cache = self._hot_images(trainer.cfg.cache_images, trainer.cfg.cache_staleness)
         self.steps = 0
@@ -182,11 +181,7 @@ class PSPhase:
         gb = self._global_batch(int(tok["batch"]))
         batch, share = allreduce.shard(gb, DistContext(int(tok["slice"]), self.ctx.world))
         clock("data")
-        touched: dict[str, list[torch.Tensor]] = {}
-        for f in self.id_fields:
-            name, rows = t.model.rows(f, batch[f.name])
-            touched.setdefault(name, []).append(rows.reshape(-1))
-        ids = {name: torch.unique(torch.cat(parts)) for name, parts in touched.items()}
+        ids = t.model.read_rows(batch)
         want, refresh = ids, False
         if self.cache is not None:
             want, refresh = self.cache.plan(ids, int(tok["step"]))
