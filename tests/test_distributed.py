@@ -43,6 +43,40 @@ def test_all_reduce_equals_one_process_on_the_global_batch(world_dataset, tmp_pa
     assert (tmp_path / "ar" / "worker-1.log").exists()
 
 
+def test_two_torchrun_groups_on_one_machine_train_as_one_job(world_dataset, tmp_path):
+    """Two machines, stood in for by two `torchrun` agents (node ranks 0 and 1, one worker each) on
+    loopback, with an image service started on its own, as docs/DISTRIBUTED.md tells a user to do:
+    the same entry point trains as one all-reduce job, equal to one process on the global batch."""
+    from image_service.client import SpawnedService
+    from image_service.descriptor import DescriptorConfig
+    from image_service.server import free_port
+
+    descriptor = DescriptorConfig(lr=0.05, optimizer="sgd", seed=3, dtype="float64")
+    service = SpawnedService(world_dataset, descriptor, tmp_path / "service", policy="sync", workers=2)
+    try:
+        port = free_port("127.0.0.1")
+        run_dir = tmp_path / "torchrun"
+        agents = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "--max-restarts", "0", "-m", "vitrine", "train", "--dataset", str(world_dataset), "--run-dir", str(run_dir),
+             *EXACT, "--mode", "ar", "--workers", "2", "--global-batch", "255", "--max-steps", "5",
+             "--image-service", service.address],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (1, 0)]
+        outs = [a.communicate(timeout=300)[0] for a in agents]
+        assert all(a.returncode == 0 for a in agents), "\n".join(o[-3000:] for o in outs)
+    finally:
+        service.stop()
+    multi = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    single = _train(world_dataset, tmp_path / "single", "--batch-size", "255", "--max-steps", "5")
+    assert multi["step"] == single["step"] == 5
+    for k in single["model"]:
+        assert torch.allclose(multi["model"][k], single["model"][k], rtol=0, atol=1e-6), k
+    for k in single["service"]["head"]:
+        assert torch.allclose(multi["service"]["head"][k], single["service"]["head"][k], rtol=0, atol=1e-6), k
+    assert multi["service"]["version"] == 5
+
+
 def test_straggler_specs():
     from trainer.distributed.stragglers import Straggler
     from vitrine.errors import UserError
