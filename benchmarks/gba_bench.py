@@ -158,8 +158,8 @@ def main() -> int:
         decayed = ("/".join(f"{statistics.fmean(results[(mode, factor, s)].get(k, 0) for s in seeds):.1f}"
                             for k in ("tokens_decayed", "image_tokens_decayed"))
                    if "tokens_decayed" in first else "-")
-        pace = statistics.fmean(p for s in seeds if (p := straggler_pace(results[(mode, factor, s)])) is not None) \
-            if straggler_pace(first) is not None else None
+        paces = [p for s in seeds if (p := straggler_pace(results[(mode, factor, s)])) is not None]
+        pace = statistics.fmean(paces) if paces else None
         print(f"| {factor:g}x | {mode} | {secs:.1f} | {samples / secs:,.0f} | {ar_secs / secs:.2f}x | "
               f"{mean(mode, factor, 'test_auc'):.4f} | {d:+.4f} +- {se:.4f} | {first['steps']} | {decayed} | "
               f"{'-' if pace is None else f'{pace:.2f}'} | {sw} |")

@@ -123,6 +123,7 @@ class DICM(nn.Module):
             self.register_buffer("cat_offsets", torch.tensor(
                 [self.start[str(f.vocab)] - 1 for f in fmap.categorical], dtype=torch.long),
                 persistent=False)
+        self._cat_position = {f.name: i for i, f in enumerate(fmap.categorical)}
         for vocab, size in ({} if cfg.packing else fmap.vocabs).items():
             k = _key(vocab)
             if k in self.embeddings:
@@ -199,13 +200,12 @@ class DICM(nn.Module):
     def read_rows(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Every embedding row a batch reads (padding included), per parameter name, sorted unique:
         what a parameter-server worker pulls. Packed, the categorical fields are mapped at once."""
-        fields = self.fmap.categorical + self.fmap.sequences
         if self.packed is not None:
             parts = [self._packed_categorical(batch).reshape(-1)]
             parts += [self.rows(f, batch[f.name])[1].reshape(-1) for f in self.fmap.sequences]
             return {"packed.weight": torch.unique(torch.cat(parts))}
         touched: dict[str, list[Tensor]] = {}
-        for f in fields:
+        for f in self.fmap.categorical + self.fmap.sequences:
             name, rows = self.rows(f, batch[f.name])
             touched.setdefault(name, []).append(rows.reshape(-1))
         return {name: torch.unique(torch.cat(parts)) for name, parts in touched.items()}
@@ -216,12 +216,9 @@ class DICM(nn.Module):
         return torch.where(ids > 0, ids + self.cat_offsets, torch.zeros_like(ids))
 
     def lookup(self, lookups: list[tuple[Field, Tensor]]) -> list[Tensor]:
-        """Embeddings of several fields' ids (any shapes): one lookup per field, or one in all when packed."""
-        if self.packed is None:
-            return [self.table(f)(ids) for f, ids in lookups]
-        flat = torch.cat([self.rows(f, ids)[1].reshape(-1) for f, ids in lookups])
-        out = self.packed(flat).split([ids.numel() for _, ids in lookups])
-        return [o.reshape(*ids.shape, o.shape[-1]) for o, (_, ids) in zip(out, lookups)]
+        """Embeddings of several fields' ids (any shapes), one lookup per field (unpacked models; the
+        packed forward does all of its lookups in one)."""
+        return [self.table(f)(ids) for f, ids in lookups]
 
     def pack_state_from(self, unpacked: "DICM") -> None:
         """Copy an unpacked model's parameters into this packed one (same feature map and sizes)."""
@@ -253,7 +250,7 @@ class DICM(nn.Module):
         if self.id_attention is not None:
             assert mask is not None
             rows, cols = pack(mask)  # look up only the real positions
-            seq_lookups += [(s, batch[s.name][rows, cols]) for s in (s for s, _ in self.paired)]
+            seq_lookups += [(s, batch[s.name][rows, cols]) for s, _ in self.paired]
         seq_lookups += [(s, batch[s.name]) for s in self.unpaired]
         nc = len(self.fmap.categorical)
         if self.packed is None:
@@ -271,8 +268,7 @@ class DICM(nn.Module):
             cat3 = out[:B * nc].reshape(B, nc, -1)
             embs = [o.reshape(*ids.shape, o.shape[-1]) for o, (_, ids) in
                     zip(out[B * nc:].split([ids.numel() for _, ids in seq_lookups]), seq_lookups)]
-            position = {f.name: i for i, f in enumerate(self.fmap.categorical)}
-            cat_emb = _Columns(cat3, position)
+            cat_emb = _Columns(cat3, self._cat_position)
             parts = [cat3.reshape(B, -1)]
         B = parts[0].shape[0]
 

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import signal
-import statistics
 import threading
 import time
 from dataclasses import asdict, replace
@@ -35,6 +34,7 @@ from image_service.service import ImageService
 from pipeline.vocab import OOV
 from trainer import checkpoint, metrics
 from trainer.data import BatchLoader, LoaderConfig, prefetched
+from trainer.distributed.stragglers import peers_median
 from trainer.dataset import Dataset, open_dataset
 from trainer.features import FeatureMap
 from trainer.config import MODE_CODES, PS_MODES, TrainConfig
@@ -198,9 +198,8 @@ class Trainer:
             self._control_commands()
         if self.ctx is not None:
             own_s = self.data_s + (time.perf_counter() - t0) + self._after_reduce_s
-            peers = [t for r, t in enumerate(self.worker_step_s) if r != self.ctx.rank and t > 0]
             pause = self.straggler.delay(self.ctx.rank, self.step, self.ctx.world, own_s, self.cfg.seed,
-                                         statistics.median(peers) if peers else 0.0)
+                                         peers_median(dict(enumerate(self.worker_step_s)), self.ctx.rank))
             if pause:
                 time.sleep(pause)
             new_straggler = self._control_commands()  # may ask to stop: read before the flag is sent

@@ -1,1 +1,1 @@
-"""Training across processes: synchronous all-reduce now; the parameter server and GBA next."""
+"""Training across processes: synchronous all-reduce, the parameter-server phases (async, GBA) and the switches between them, stragglers, the launcher."""

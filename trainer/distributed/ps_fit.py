@@ -62,7 +62,7 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
         print(f"workers {lost} were lost during the PS phase; their tokens' slices were dropped", flush=True)
     ps.client.configure("idle", trainer.ctx.world, cfg.gba_threshold, cfg.gba_decay)
     ps.load_from_ps()
-    hook.close()
+    final = hook.close()
     prev_epoch = trainer.epoch
     trainer.epoch, trainer.batch_in_epoch = divmod(next_batch, spe)
     if trainer.epoch > prev_epoch and trainer.batch_in_epoch == 0 and len(trainer.history) < trainer.epoch:
@@ -72,7 +72,7 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
 
     trainer.ps_stats = {**stats(ps), **gba_figures(ps.client, trainer.service)}
     # Tokens each worker trained on in the job's PS phases: a straggler's share shows how slow it really was.
-    trainer.ps_stats.update({f"worker_tokens_{r}": float(n) for r, n in ps.client.tokens("report")["steps"].items()})
+    trainer.ps_stats.update({f"worker_tokens_{r}": float(n) for r, n in final["steps"].items()})
     if logger is not None:
         logger.log_metrics(trainer.ps_stats, step=trainer.step)
     return "stopped" if kind == "stop" else "done"
@@ -204,9 +204,10 @@ class _Coordinator:
         t.save_checkpoint(self.run_dir)
         t.epoch, t.batch_in_epoch = here
 
-    def close(self) -> None:
+    def close(self) -> dict[str, Any]:
         rep = self.client.tokens("report")
         self._log(self.t.step, rep)
+        return rep
 
 
 def gba_figures(client, service) -> dict[str, float]:

@@ -16,7 +16,9 @@ without talking about it. `none` (or empty) slows nobody.
 from __future__ import annotations
 
 import random
+import statistics
 from dataclasses import dataclass
+from typing import Mapping
 
 from vitrine.errors import UserError
 
@@ -70,3 +72,10 @@ class Straggler:
         if self.slowed(step, workers, seed) != rank:
             return 0.0
         return max(self.factor * (peers_s if peers_s > 0 else own_s) - own_s, 0.0)
+
+
+def peers_median(step_s: Mapping[int, float], rank: int, exclude: tuple[int, ...] = ()) -> float:
+    """The median of the other workers' last step times (0.0 while none has timed one): what a
+    straggler's step is set against. `exclude`: lost workers."""
+    peers = [t for r, t in step_s.items() if r != rank and r not in exclude and t > 0]
+    return statistics.median(peers) if peers else 0.0

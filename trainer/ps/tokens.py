@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.distributed.stragglers import peers_median
 from trainer.ps.shard import ParameterShard
 
 
@@ -113,9 +114,9 @@ class TokenBook:
             self.next_id += 1
             self.issued += 1
             w.holding = tok
-            peers = [v.step_s for r, v in self.workers.items() if r != rank and r not in self.lost and v.step_s > 0]
+            peers_s = peers_median({r: v.step_s for r, v in self.workers.items()}, rank, tuple(self.lost))
             return {"kind": "token", "id": tok, "step": self.shard.step, "batch": tok // self.n, "slice": tok % self.n,
-                    "straggler": self.straggler, "peers_s": statistics.median(peers) if peers else 0.0}
+                    "straggler": self.straggler, "peers_s": peers_s}
 
     def finish(self, rank: int) -> None:
         with self.cond:
