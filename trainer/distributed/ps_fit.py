@@ -131,7 +131,11 @@ class _Coordinator:
 
             t.ps.load_from_ps()
             t.epoch, t.batch_in_epoch = divmod(int(tok["batch"]), self.spe)
+            before = t.eval_seconds
             end_of_epoch(t, self.logger)
+            # The other workers keep taking tokens while this one evaluates, so unlike an all-reduce
+            # step's evaluation this time is not a pause of training: it stays in train_seconds.
+            t.eval_seconds = before
 
     def _ask_ar(self, why: str) -> None:
         self.client.tokens("set_command", "ar")
