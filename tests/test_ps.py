@@ -161,6 +161,29 @@ def test_a_worker_killed_mid_run_in_gba_does_not_stop_the_job(world_dataset, tmp
     assert 80 <= result["steps"] <= 100 and "test_auc" in result, result
 
 
+def test_a_switch_from_ar_to_gba_carries_adam_exactly(world_dataset, tmp_path):
+    """Adam (not SGD, whose state is empty) in float64: 3 all-reduce steps, a planned switch to GBA
+    without staleness, 3 more: the parameters, both of Adam's moments and the descriptor head equal one
+    process's 6 steps on the global batches. A switch that lost or mis-cut a moment would show here as
+    a jump of the update size, not as a wrong step count."""
+    adam = ["--optimizer", "adam", "--lr", "0.01"]
+    sw = _train(world_dataset, tmp_path / "sw", *adam, "--mode", "ar", "--workers", "2", "--global-batch", "256",
+                "--max-steps", "6", "--max-staleness", "0", "--switch-at", "3:gba")
+    single = _train(world_dataset, tmp_path / "single", *adam, "--batch-size", "256", "--max-steps", "6")
+    assert sw["step"] == single["step"] == 6 and sw["phase"] == "gba"
+    assert [s[1:3] for s in sw["switches"]] == [("ar", "gba")], sw["switches"]
+    for k in single["model"]:
+        assert torch.allclose(sw["model"][k], single["model"][k], rtol=0, atol=1e-9), k
+    mine, one = sw["optimizer"]["state"], single["optimizer"]["state"]
+    assert mine.keys() == one.keys()
+    for i in one:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(mine[i][key], one[i][key], rtol=0, atol=1e-9), (i, key)
+        assert int(mine[i]["step"]) == int(one[i]["step"]) == 6
+    for k in single["service"]["head"]:
+        assert torch.allclose(sw["service"]["head"][k], single["service"]["head"][k], rtol=0, atol=1e-9), k
+
+
 def test_switching_ar_to_gba_and_back_keeps_the_step_and_the_optimizer_state(world_dataset, tmp_path):
     """A job started in ar is switched to gba and back through its control channel (as the dashboard
     does). Every update of either mode counts: Adam's step counter of every parameter equals the job's
