@@ -23,9 +23,9 @@ the image service's pushes never decayed (`--image-gba-decay 1`; the shards stil
 Then the noise floor: how far ar's AUC moves between seeds, and between runs of the same seed (ar's
 arithmetic ignores the straggler, so its runs at one seed differ only by float non-determinism).
 
-Targets (exit 1 on a miss, after the table), on the means: at the largest factor GBA's samples/s >=
-2.4 x AR's; at every factor GBA's test AUC within 0.002 of AR's and not below async's; the switched
-and auto runs' AUC within 0.002 of AR's (at the largest factor).
+Targets (exit 1 on a miss, after the table), on the means: at the largest factor, when it is 4x or
+more, GBA's samples/s >= 2.4 x AR's; at every factor GBA's test AUC within 0.002 of AR's and not
+below async's; the switched and auto runs' AUC within 0.002 of AR's (at the largest factor).
 
 Caveats: this box has 2 cores for 4 workers, the PS shard and the image service, so a worker that
 sleeps (the straggler) frees CPU for the others: the figures are what this machine shows, not what
@@ -173,7 +173,7 @@ def main() -> int:
               f"(sd {statistics.stdev(per_seed):.4f}); ar's runs at one seed up to {same_seed:.4f} apart.")
     misses = []
     ran = {(m, f) for m, f, _ in plans}
-    if ("gba", top) in ran:
+    if ("gba", top) in ran and top >= 4:  # the target is stated for a 4x straggler; at 2x the ideal is 2x
         speed = mean("ar", top, "train_seconds") / mean("gba", top, "train_seconds")
         if speed < 2.4:
             misses.append(f"gba at {top:g}x is {speed:.2f}x as fast as ar (target >= 2.4x)")
