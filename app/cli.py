@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 
@@ -50,10 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     lg.set_defaults(func=_job_log)
 
 
-def _interrupt(_sig: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def _dashboard(args: argparse.Namespace) -> int:
     from app import server, settings
     from vitrine import tracking
@@ -63,7 +58,8 @@ def _dashboard(args: argparse.Namespace) -> int:
     server.check_bind(args.host, token)  # before starting anything
     uri = tracking.tracking_uri()
     mlflow_url = args.mlflow_url or os.environ.get(settings.MLFLOW_URL_ENV)
-    ui_proc = None
+    ui_proc = proc = None
+    server.interrupt_on_sigterm()  # a `kill` stops the servers too, not only this process
     try:
         try:
             if args.mlflow_ui and not mlflow_url:
@@ -77,15 +73,13 @@ def _dashboard(args: argparse.Namespace) -> int:
         if mlflow_url:
             print(f"  MLflow UI {mlflow_url}", flush=True)
         print("  Ctrl-C to stop (jobs it started keep running)", flush=True)
-        signal.signal(signal.SIGTERM, _interrupt)  # a `kill` stops the server too, not only this process
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            server.stop(proc)
-            return 0
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, whenever it comes: the servers stop below
+        return 0
     finally:
-        if ui_proc is not None:
-            server.stop(ui_proc)
+        for p in (proc, ui_proc):
+            if p is not None:
+                server.stop(p)
 
 
 def _job_list(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ and again by every page (app/auth.py), in case Streamlit is started some other w
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def start(host: str = "127.0.0.1", port: int = 8501, token: str | None = None, t
            "--server.address", host, "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
            "--server.runOnSave", "false", "--client.toolbarMode", "minimal"]
-    out = open(log, "ab") if log else None
+    out = _open_log(log) if log else None
     try:
         proc = subprocess.Popen(cmd, env=child_env, cwd=os.getcwd(), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT if out else None)
@@ -148,7 +149,7 @@ def start_mlflow_ui(tracking_uri: str, port: int = 0, log: Path | None = None,
     port = port or free_port()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
-    out = open(log, "ab") if log else subprocess.DEVNULL
+    out = _open_log(log) if log else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     finally:
@@ -171,3 +172,18 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _open_log(log: Path):
+    log.parent.mkdir(parents=True, exist_ok=True)  # a fresh data root has no folder for it yet
+    return open(log, "ab")
+
+
+def _raise_interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """Make a `kill` (SIGTERM) of this process act like Ctrl-C: Python's default SIGTERM ends the process
+    without running `finally`, which left the servers it had started running on their ports."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)

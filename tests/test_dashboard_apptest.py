@@ -275,6 +275,42 @@ def test_the_server_refuses_to_listen_beyond_loopback_without_a_token(empty):
     server.check_bind("0.0.0.0", "long-enough-token")
 
 
+
+@pytest.mark.parametrize("argv, ready_line", [
+    (["-m", "vitrine", "dashboard", "--port", "0", "--mlflow-ui"], "Ctrl-C to stop"),
+    (["-c", "from vitrine.demo import _serve_dashboard; _serve_dashboard(0)"], "Open the dashboard"),
+])
+def test_a_killed_dashboard_stops_the_servers_it_started(empty, argv, ready_line):
+    """`kill` (SIGTERM) of `vitrine dashboard --mlflow-ui`, and of the demo's last step, stops the
+    Streamlit server and the MLflow UI they started, as Ctrl-C does: left running, they would hold
+    their ports against the next start."""
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, *argv], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children = []
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if ready_line in line:
+                break
+        assert any(ready_line in line for line in seen), "".join(seen)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2, children  # the dashboard and the MLflow UI
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, alive
+    finally:
+        for p in [proc, *children]:
+            try:
+                p.kill()
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+
 # -- a small real world -----------------------------------------------------------------------------
 def _log_runs(uri: str) -> dict[str, str]:
     """Runs the trainer will log in other modes, written with the real client: one with a mode

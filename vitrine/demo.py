@@ -89,6 +89,7 @@ def _serve_dashboard(port: int) -> int:
 
     print("== 5. the dashboard")
     logs = paths.data_root()
+    server.interrupt_on_sigterm()  # a `kill` of the demo stops both servers, as Ctrl-C does
     ui_url, ui = server.start_mlflow_ui(tracking.tracking_uri(), log=logs / "mlflow-ui.log")
     dash = None
     try:
@@ -98,10 +99,9 @@ def _serve_dashboard(port: int) -> int:
             address, dash = server.start("127.0.0.1", 0, mlflow_url=ui_url, log=logs / "dashboard.log")
         print(f"  MLflow UI      {ui_url}")
         print(f"\nOpen the dashboard: {address}   (runs, jobs, live job, data, images; Ctrl-C stops it)", flush=True)
-        try:
-            dash.wait()
-        except KeyboardInterrupt:
-            print("\nstopping the dashboard")
+        dash.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, whenever it comes: both servers stop below
+        print("\nstopping the dashboard")
     finally:
         for proc in (dash, ui):
             if proc is not None:
