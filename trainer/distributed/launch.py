@@ -4,8 +4,8 @@
 The launcher starts the job's image service (unless `--image-service HOST:PORT` names one) and its
 `--ps-shards` PS shards (every multi-process job has them, so any job can switch modes), all in one
 RPC group, then N copies of the same `vitrine train` command with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT set (the launcher hosts the rendezvous store there, as torchrun's agent does), plus the PS key and the RPC
-group's address; across machines see docs/DISTRIBUTED.md. Rank 0 is the coordinator (logs to MLflow,
+MASTER_PORT set (the launcher hosts the rendezvous store there, as torchrun's agent does), plus the
+PS key and the RPC group's address; across machines see docs/DISTRIBUTED.md. Rank 0 is the coordinator (logs to MLflow,
 evaluates, checkpoints); its output is the job's output, the others' goes to RUN_DIR/worker-<rank>.log.
 
 If rank 0 fails, or any worker fails in `ar` mode, the others are stopped. In the PS modes (async,
@@ -49,14 +49,14 @@ def launch(cfg, run_dir: Path) -> dict[str, Any]:
     worker_cfg = replace(cfg, image_service=address, run_dir=str(run_dir))
     argv = [sys.executable, "-m", "vitrine", "train", *to_argv(worker_cfg)]
     procs: list[subprocess.Popen] = []
-    store = None
     try:
         # The launcher hosts the rendezvous store, as torchrun's agent does: bound to port 0 here, the port
         # is ours from the start. Picking a free number for worker 0 to bind later lost a race in CI
         # (EADDRINUSE): the image service and the shards open sockets in between.
         import torch.distributed as dist
 
-        store = dist.TCPStore("127.0.0.1", 0, world_size=cfg.workers, is_master=True, wait_for_workers=False)
+        store = dist.TCPStore(  # held until the function returns: the workers' store lives here
+            "127.0.0.1", 0, world_size=cfg.workers, is_master=True, wait_for_workers=False)
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
                "TORCHELASTIC_USE_AGENT_STORE": "True", "WORLD_SIZE": str(cfg.workers), "VITRINE_LAUNCHED": "1"}
         group = address if cfg.features != "ids" else f"127.0.0.1:{free_port('127.0.0.1')}"
