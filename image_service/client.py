@@ -271,12 +271,16 @@ _REFUSALS = _refusal_types()
 class RemoteClient(_Client):
     """A running service over torch.distributed.rpc."""
 
-    def __init__(self, address: str, timeout_s: float = 120.0, name_prefix: str = "trainer"):
+    def __init__(self, address: str, timeout_s: float = 120.0, name_prefix: str = "trainer",
+                 worker: int | None = None):
+        """`worker`: the key the service's sync policy orders this client's pushes by (a trainer passes
+        its rank in the job). It sums one step's pushes in that order, so a synchronous run is
+        reproducible; the default, the RPC rank, depends on which process joined the group first."""
         super().__init__()
         self.address = address
         host, port = parse_address(address)
         self.name = _join(host, port, name_prefix, timeout_s)
-        self.rank = _AGENT["rank"]
+        self.rank = _AGENT["rank"] if worker is None else int(worker)
         self._open = True
         info = self.info()
         self.n_images, self.out_dim = int(info["n_images"]), int(info["out_dim"])

@@ -158,7 +158,7 @@ class Trainer:
         else:
             address = cfg.image_service
         try:
-            client = RemoteClient(address)
+            client = RemoteClient(address, worker=None if self.ctx is None else self.ctx.rank)
             _check_service(client, self.ds, cfg)
         except BaseException:
             if self.spawned is not None:
