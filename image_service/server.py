@@ -261,6 +261,23 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def host_rpc_group(name: str, host: str, port: int, what: str, **options) -> int:
+    """Join an RPC group as its rank 0, hosting its rendezvous on HOST:PORT; returns the port. Port 0
+    picks a free one: the rendezvous needs its number before it binds, so another process can take it
+    in between, and that lost race is retried with a new number (CI lost it once)."""
+    attempts = 5 if port == 0 else 1
+    for attempt in range(attempts):
+        chosen = port or free_port(host)
+        try:
+            rpc.init_rpc(name, rank=0, world_size=None, rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
+                init_method=f"tcp://{host}:{chosen}", _transports=["uv"], **options))
+            return chosen
+        except Exception as exc:  # the port was taken between the probe and the bind
+            if attempt == attempts - 1 or "EADDRINUSE" not in str(exc):
+                raise UserError(f"{what} could not listen on {host}:{chosen}: {exc}") from None
+    raise AssertionError("unreachable")
+
+
 def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
     """Run the service until SIGTERM/SIGINT (or its parent is gone, with `exit_with_parent`)."""
     global _SERVER
@@ -276,16 +293,7 @@ def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
     _SERVER = srv
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: srv.stop.set())
-    attempts = 5 if cfg.port == 0 else 1
-    for attempt in range(attempts):
-        port = cfg.port or free_port(cfg.host)
-        try:
-            rpc.init_rpc(SERVICE_NAME, rank=0, world_size=None, rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
-                init_method=f"tcp://{cfg.host}:{port}", rpc_timeout=cfg.rpc_timeout_s, _transports=["uv"]))
-            break
-        except Exception as exc:  # the port was taken between the probe and the bind
-            if attempt == attempts - 1 or "EADDRINUSE" not in str(exc):
-                raise UserError(f"image service could not listen on {cfg.host}:{port}: {exc}") from None
+    port = host_rpc_group(SERVICE_NAME, cfg.host, cfg.port, "image service", rpc_timeout=cfg.rpc_timeout_s)
     address = f"{cfg.host}:{port}"
     svc = srv.service
     log(f"image service on {address}: {svc.n_images} images, descriptor {dcfg.trunk} -> {dcfg.out_dim}-d "

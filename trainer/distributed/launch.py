@@ -30,7 +30,6 @@ from vitrine.errors import UserError
 
 def launch(cfg, run_dir: Path) -> dict[str, Any]:
     from image_service.client import SpawnedService
-    from image_service.server import free_port
     from vitrine.config import to_argv
 
     from trainer.train import PS_KEY_ENV, RPC_GROUP_ENV
@@ -59,8 +58,10 @@ def launch(cfg, run_dir: Path) -> dict[str, Any]:
             "127.0.0.1", 0, world_size=cfg.workers, is_master=True, wait_for_workers=False)
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
                "TORCHELASTIC_USE_AGENT_STORE": "True", "WORLD_SIZE": str(cfg.workers), "VITRINE_LAUNCHED": "1"}
-        group = address if cfg.features != "ids" else f"127.0.0.1:{free_port('127.0.0.1')}"
-        shards = start_shards(cfg, run_dir, key, group, host_group=cfg.features == "ids")
+        # Without images there is no service to host the RPC group: shard 0 hosts it on a port it binds.
+        shards = start_shards(cfg, run_dir, key, address if cfg.features != "ids" else "127.0.0.1:0",
+                              host_group=cfg.features == "ids")
+        group = shards[0].info["group"] if shards else address
     except BaseException:
         if spawned is not None:
             spawned.stop()
@@ -140,6 +141,7 @@ def start_shards(cfg, run_dir: Path, key: str, group: str, host_group: bool) -> 
             if host_group and s == 0:
                 argv.append("--host-group")
             out.append(Spawned(argv, ready, run_dir / f"ps{s}.log", f"parameter-server shard {s}", 120.0))
+            group = out[0].info["group"]  # shard 0 is up (Spawned waits): where the others join
     except BaseException:
         for sh in out:
             sh.stop()

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", type=int, required=True)
     ap.add_argument("--shards", type=int, required=True)
     ap.add_argument("--key", required=True, help="the job's key (names the shards in a shared RPC group)")
-    ap.add_argument("--group", required=True, help="HOST:PORT of the RPC group's rendezvous store")
+    ap.add_argument("--group", required=True, help="HOST:PORT of the RPC group's rendezvous store (with "
+                    "--host-group, port 0 picks a free one, written to the ready file)")
     ap.add_argument("--host-group", action="store_true", help="be rank 0 and host the group (no image service)")
     ap.add_argument("--world", type=int, required=True, help="workers of the job")
     ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
@@ -119,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     host, port = a.group.rsplit(":", 1)
     name = shard_name(a.shard, a.key)
-    opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{host}:{port}", rpc_timeout=a.rpc_timeout_s,
-                                           _transports=["uv"], num_worker_threads=32)
     if a.host_group:
-        rpc.init_rpc(name, rank=0, world_size=None, rpc_backend_options=opts)
+        from image_service.server import host_rpc_group
+
+        port = str(host_rpc_group(name, host, int(port), f"PS shard {a.shard}", rpc_timeout=a.rpc_timeout_s,
+                                  num_worker_threads=32))
+        a.group = f"{host}:{port}"
     else:
+        opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{host}:{port}", rpc_timeout=a.rpc_timeout_s,
+                                               _transports=["uv"], num_worker_threads=32)
         import torch.distributed as dist
         from datetime import timedelta
 
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         rpc.init_rpc(name, rank=rank, world_size=None, rpc_backend_options=opts)
     from vitrine.procs import write_ready
 
-    write_ready(a.ready_file, {"name": name, "pid": os.getpid()})
+    write_ready(a.ready_file, {"name": name, "pid": os.getpid(), "group": a.group})
     print(f"PS shard {a.shard}/{a.shards} ({name}) in the RPC group at {a.group}", flush=True)
     parent = os.getppid()
     while not stop.wait(0.2):
