@@ -46,6 +46,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+class _ExitedEarly(RuntimeError):
+    """The server exited before it answered (for a port picked here: most likely taken in between)."""
+
+
+def _on_a_free_port(launch, host: str = "127.0.0.1", attempts: int = 3):
+    """`launch(port)` on a port free when picked. The server binds it only seconds later and another
+    process may take it first; then the server exits at once, and a new port is tried."""
+    for attempt in range(attempts):
+        try:
+            return launch(free_port(host))
+        except _ExitedEarly:
+            if attempt == attempts - 1:
+                raise
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,7 +85,7 @@ def _wait(proc: subprocess.Popen, url: str, timeout: float, what: str, log: Path
     while True:
         if proc.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before answering{': ' + tail if tail else ''}")
+            raise _ExitedEarly(f"{what} exited with code {proc.returncode} before answering{': ' + tail if tail else ''}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -94,8 +109,9 @@ def start(host: str = "127.0.0.1", port: int = 8501, token: str | None = None, t
     token = token if token is not None else (os.environ.get(settings.TOKEN_ENV) or None)
     check_bind(host, token)
     if port == 0:
-        port = free_port(_connect_host(host))
-    elif not _port_free(host, port):
+        return _on_a_free_port(lambda p: start(host, p, token, tracking_uri, data_root=data_root, mlflow_url=mlflow_url,
+                                               log=log, timeout=timeout, env=env), _connect_host(host))
+    if not _port_free(host, port):
         raise UserError(f"port {port} on {host} is in use (another dashboard?); pass --port 0 for any free port")
     child_env = {**os.environ, **(env or {})}
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
@@ -145,8 +161,9 @@ def page_url(address: str, page: str = "", token: str | None = None) -> str:
 
 def start_mlflow_ui(tracking_uri: str, port: int = 0, log: Path | None = None,
                     timeout: float = 120.0) -> tuple[str, subprocess.Popen]:
-    """`mlflow ui` on 127.0.0.1 over the same store, for the dashboard's run links."""
-    port = port or free_port()
+    """`mlflow ui` on 127.0.0.1 over the same store, for the dashboard's run links (`port=0`: a free one)."""
+    if port == 0:
+        return _on_a_free_port(lambda p: start_mlflow_ui(tracking_uri, p, log, timeout))
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
     out = _open_log(log) if log else subprocess.DEVNULL

@@ -276,6 +276,35 @@ def test_the_server_refuses_to_listen_beyond_loopback_without_a_token(empty):
 
 
 
+def test_a_server_whose_picked_port_is_taken_meanwhile_starts_on_another(empty, tmp_path, monkeypatch):
+    """`port=0` picks a free port that the server binds seconds later; another process may take it in
+    between. Here one really is taken (a listening socket) when the real MLflow UI tries it: the UI
+    exits at once, and the start goes on with a new port."""
+    import socket
+    import urllib.request
+
+    from app import server
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks = [taken.getsockname()[1]]
+    real = server.free_port
+    monkeypatch.setattr(server, "free_port", lambda host="127.0.0.1": picks.pop() if picks else real(host))
+    try:
+        from app import settings
+
+        url, proc = server.start_mlflow_ui(settings.tracking_uri(), log=tmp_path / "ui.log")
+        try:
+            assert not picks and not url.endswith(f":{taken.getsockname()[1]}")
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                assert r.status == 200
+        finally:
+            server.stop(proc)
+    finally:
+        taken.close()
+
+
 @pytest.mark.parametrize("argv, ready_line", [
     (["-m", "vitrine", "dashboard", "--port", "0", "--mlflow-ui"], "Ctrl-C to stop"),
     (["-c", "from vitrine.demo import _serve_dashboard; _serve_dashboard(0)"], "Open the dashboard"),
