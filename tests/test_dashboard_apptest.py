@@ -275,7 +275,6 @@ def test_the_server_refuses_to_listen_beyond_loopback_without_a_token(empty):
     server.check_bind("0.0.0.0", "long-enough-token")
 
 
-
 def test_a_server_whose_picked_port_is_taken_meanwhile_starts_on_another(empty, tmp_path, monkeypatch):
     """`port=0` picks a free port that the server binds seconds later; another process may take it in
     between. Here one really is taken (a listening socket) when the real MLflow UI tries it: the UI

@@ -61,7 +61,7 @@ def launch(cfg, run_dir: Path) -> dict[str, Any]:
         # Without images there is no service to host the RPC group: shard 0 hosts it on a port it binds.
         shards = start_shards(cfg, run_dir, key, address if cfg.features != "ids" else "127.0.0.1:0",
                               host_group=cfg.features == "ids")
-        group = shards[0].info["group"] if shards else address
+        group = shards[0].info["group"]  # the service's address, or the port shard 0 bound
     except BaseException:
         if spawned is not None:
             spawned.stop()
@@ -141,7 +141,8 @@ def start_shards(cfg, run_dir: Path, key: str, group: str, host_group: bool) -> 
             if host_group and s == 0:
                 argv.append("--host-group")
             out.append(Spawned(argv, ready, run_dir / f"ps{s}.log", f"parameter-server shard {s}", 120.0))
-            group = out[0].info["group"]  # shard 0 is up (Spawned waits): where the others join
+            if s == 0:
+                group = out[0].info["group"]  # shard 0 is up (Spawned waits): where the others join
     except BaseException:
         for sh in out:
             sh.stop()

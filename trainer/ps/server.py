@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.host_group:
         from image_service.server import host_rpc_group
 
-        port = str(host_rpc_group(name, host, int(port), f"PS shard {a.shard}", rpc_timeout=a.rpc_timeout_s,
-                                  num_worker_threads=32))
-        a.group = f"{host}:{port}"
+        bound = host_rpc_group(name, host, int(port), f"PS shard {a.shard}", rpc_timeout=a.rpc_timeout_s,
+                               num_worker_threads=32)
+        a.group = f"{host}:{bound}"
     else:
         opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{host}:{port}", rpc_timeout=a.rpc_timeout_s,
                                                _transports=["uv"], num_worker_threads=32)
