@@ -43,6 +43,8 @@ from image_service.policy import Immediate, Push, Update, UpdatePolicy
 from image_service.store import ImageStore
 from vitrine.errors import UserError
 
+EMBED_BLOCK = 128  # rows per head call when embedding (see `ImageService._head_in_blocks`)
+
 
 class UnknownImageIds(UserError, IndexError):
     """Image ids outside the store (0..n-1); the message lists them."""
@@ -170,11 +172,25 @@ class ImageService:
         """Head forward on already unique, checked ids: (embeddings, version). One merged group."""
         with self._lock:
             with torch.no_grad():
-                emb = self.head(self._features[unique_ids]) if unique_ids.numel() else torch.empty(
-                    (0, self.out_dim), dtype=self.dtype)
+                emb = self._head_in_blocks(self._features[unique_ids])
             self.counters["unique_ids_computed"] += unique_ids.numel()
             self.counters["merged_computes"] += 1
             return emb, self.version
+
+    def _head_in_blocks(self, feats: Tensor) -> Tensor:
+        """The head over blocks of exactly `EMBED_BLOCK` rows, the last one padded with zeros. The
+        rounding of a matrix product depends on how many rows it multiplies (an image embedded alone
+        and inside a group of 800 differ in the last bits), so with one call per merged group an
+        image's embedding depended on which requests the service happened to merge, i.e. on timing,
+        and the same synchronous run could end in different bits. With every call of one shape, an
+        embedding depends only on the image and the head."""
+        n = feats.shape[0]
+        if not n:
+            return torch.empty((0, self.out_dim), dtype=self.dtype)
+        pad = -n % EMBED_BLOCK
+        if pad:
+            feats = torch.cat([feats, feats.new_zeros((pad, feats.shape[1]))])
+        return torch.cat([self.head(block) for block in feats.split(EMBED_BLOCK)])[:n]
 
     def backward(self, image_ids: Any, grad_embeddings: Any, token: int | None = None,
                  worker: int = 0, wire_bytes: int | None = None) -> torch.futures.Future:
