@@ -21,8 +21,9 @@ the median of the others', in PS phases: about 1/F when the straggler really is 
 mode switches of the first seed. `--only ar gba "gba img-decay 1"` adds a row beyond the targets at the largest factor: GBA with
 the image service's pushes never decayed (`--image-gba-decay 1`; the shards still decay theirs).
 Then the noise floor: how far ar's AUC moves between seeds, and between runs of the same seed (ar's
-arithmetic ignores the straggler, so those would be 0 if AR were reproducible bit for bit; on this
-world it is not yet, see docs/DISTRIBUTED.md `--mode ar`, and they moved by sd 0.004 at 5 epochs).
+arithmetic ignores the straggler, so those should be 0: before the image service's fixed embedding
+blocks (2026-12-07) they moved by sd 0.004 at 5 epochs; docs/DISTRIBUTED.md `--mode ar` says what is
+still unexplained).
 
 Targets (exit 1 on a miss, after the table), on the means: at the largest factor, when it is 4x or
 more, GBA's samples/s >= 2.4 x AR's; at every factor GBA's test AUC within 0.002 of AR's and not
@@ -165,10 +166,9 @@ def main() -> int:
               f"{mean(mode, factor, 'test_auc'):.4f} | {d:+.4f} +- {se:.4f} | {first['steps']} | {decayed} | "
               f"{'-' if pace is None else f'{pace:.2f}'} | {sw} |")
     if len(seeds) > 1:
-        # ar's arithmetic does not depend on the straggler, so its runs at one seed would agree exactly
-        # if AR were reproducible bit for bit; it is not yet on this world (docs/DISTRIBUTED.md, --mode
-        # ar), and the spread printed here is AR's own run-to-run noise. Across seeds they differ by
-        # everything a seed draws.
+        # ar's arithmetic does not depend on the straggler, so its runs at one seed should agree exactly
+        # (a difference here is AR's own run-to-run noise: docs/DISTRIBUTED.md, --mode ar, says what
+        # was fixed and what is unexplained). Across seeds they differ by everything a seed draws.
         per_seed = [statistics.fmean(results[("ar", f, s)]["test_auc"] for f in args.factors) for s in seeds]
         same_seed = max(max(results[("ar", f, s)]["test_auc"] for f in args.factors)
                         - min(results[("ar", f, s)]["test_auc"] for f in args.factors) for s in seeds)
