@@ -79,6 +79,7 @@ def run(ds: Path, out: Path, mode: str, factor: float, seed: int, args, extra: l
         raise SystemExit(f"{mode} x{factor:g} seed {seed} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     res = json.loads((run_dir / "result.json").read_text())
     res["wall_s"] = wall
+    res["run_dir"] = str(run_dir)
     return res
 
 
