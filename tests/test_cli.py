@@ -48,13 +48,24 @@ def test_generate_then_pipeline_on_a_local_cluster(tmp_path):
     assert "already exists; pass --overwrite" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_demo_generates_processes_and_says_where(tmp_path):
+def test_demo_generates_processes_and_says_where(tmp_path, monkeypatch, capsys):
     env = {**os.environ, "VITRINE_DATA": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
     stdout = _run(["demo", "--scale", "0.1", "--no-dashboard"], env)
     out = tmp_path / "data" / "processed" / "demo"
     m = json.loads((out / "manifest.json").read_text())
-    assert str(out) in stdout and m["mlflow_run_id"] in stdout
+    assert str(out) in stdout and m["mlflow_run_id"] in stdout and "reusing" not in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
     assert "workers in auto mode" in stdout and "(auto mode)" in stdout  # the distributed run, and its MLflow run
-    # A second demo reuses the world instead of drawing it again.
-    assert "reusing" in _run(["demo", "--scale", "0.1", "--no-dashboard"], env)
+    # A second demo reuses the world instead of drawing it again (its step 1, here in-process: the rest
+    # of a second demo is the first one again, a minute of CI), and draws it again when a setting changed.
+    from pipeline.synth.world import WorldConfig
+    from vitrine.demo import prepare_world
+
+    monkeypatch.setenv("VITRINE_DATA", str(tmp_path / "data"))
+    world = tmp_path / "data" / "raw" / "demo" / "world.json"
+    before = world.stat().st_mtime_ns
+    assert prepare_world("demo", WorldConfig(scale=0.1, seed=0)) == world.parent
+    assert "reusing" in capsys.readouterr().out and world.stat().st_mtime_ns == before
+    prepare_world("demo", WorldConfig(scale=0.1, seed=1))
+    assert "reusing" not in capsys.readouterr().out
+    assert json.loads(world.read_text())["settings"]["seed"] == 1

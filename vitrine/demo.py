@@ -33,19 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from pipeline.build import PipelineConfig, run_pipeline
     from pipeline.cli import summarize
-    from pipeline.synth.world import WorldConfig, generate
+    from pipeline.synth.world import WorldConfig
 
-    raw = paths.raw_dir(args.name)
+    raw = prepare_world(args.name, WorldConfig(scale=args.scale, seed=args.seed))
     out = paths.processed_dir(args.name)
-    world = WorldConfig(scale=args.scale, seed=args.seed)
-    existing = raw / "world.json"
-    if existing.exists() and json.loads(existing.read_text()).get("settings") == _jsonable(world):
-        print(f"== 1. synthetic world: reusing {raw} (same settings)")
-    else:
-        print(f"== 1. synthetic world -> {raw}")
-        summary = generate(world, raw, overwrite=True, progress=True)
-        print(f"   {summary['impressions']} impressions, {summary['items']} items, ctr {summary['ctr']:.3f}, "
-              f"oracle AUC {summary['oracle_auc']:.4f}")
     print(f"== 2. Dask pipeline -> {out}")
     manifest = run_pipeline(PipelineConfig(raw=str(raw), out=str(out), workers=args.workers, overwrite=True))
     print(summarize(manifest))
@@ -80,6 +71,23 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  dashboard      .venv/bin/vitrine dashboard   (then open http://127.0.0.1:8501)")
         return 0
     return _serve_dashboard(args.port)
+
+
+def prepare_world(name: str, world) -> Path:
+    """Step 1: the synthetic world under data/raw/NAME, drawn again only when its settings changed (a
+    second demo reuses it: drawing the default world is the slowest part of a rerun)."""
+    from pipeline.synth.world import generate
+
+    raw = paths.raw_dir(name)
+    existing = raw / "world.json"
+    if existing.exists() and json.loads(existing.read_text()).get("settings") == _jsonable(world):
+        print(f"== 1. synthetic world: reusing {raw} (same settings)")
+    else:
+        print(f"== 1. synthetic world -> {raw}")
+        summary = generate(world, raw, overwrite=True, progress=True)
+        print(f"   {summary['impressions']} impressions, {summary['items']} items, ctr {summary['ctr']:.3f}, "
+              f"oracle AUC {summary['oracle_auc']:.4f}")
+    return raw
 
 
 def _serve_dashboard(port: int) -> int:
