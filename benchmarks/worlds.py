@@ -24,11 +24,11 @@ def _portable(pipeline: dict) -> dict:
 def ensure_world(root: Path, world, what: str, log=print) -> Path:
     """`root`/raw generated from `world` (a WorldConfig) and `root`/ds processed from it; returns ds."""
     from pipeline.build import PipelineConfig, run_pipeline
-    from pipeline.synth.world import generate
+    from pipeline.synth.world import drawn_with, generate
 
     raw, ds, stamp = root / "raw", root / "ds", root / "ds.json"
     meta = raw / "world.json"
-    if not (meta.exists() and json.loads(meta.read_text()).get("settings") == settings(world)):
+    if not drawn_with(raw, world):
         log(f"generating {what} -> {raw}", flush=True)
         generate(world, raw, overwrite=True, progress=False)
     pcfg = PipelineConfig(raw=str(raw), out=str(ds), workers=2, track=False, progress=False, overwrite=True)

@@ -10,7 +10,6 @@ Ctrl-C; `--no-dashboard` to skip). Each capability Vitrine gains is added here a
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from vitrine import paths, tracking
@@ -76,11 +75,10 @@ def run_demo(args: argparse.Namespace) -> int:
 def prepare_world(name: str, world) -> Path:
     """Step 1: the synthetic world under data/raw/NAME, drawn again only when its settings changed (a
     second demo reuses it: drawing the default world is the slowest part of a rerun)."""
-    from pipeline.synth.world import generate
+    from pipeline.synth.world import drawn_with, generate
 
     raw = paths.raw_dir(name)
-    existing = raw / "world.json"
-    if existing.exists() and json.loads(existing.read_text()).get("settings") == _jsonable(world):
+    if drawn_with(raw, world):
         print(f"== 1. synthetic world: reusing {raw} (same settings)")
     else:
         print(f"== 1. synthetic world -> {raw}")
@@ -115,9 +113,3 @@ def _serve_dashboard(port: int) -> int:
             if proc is not None:
                 server.stop(proc)
     return 0
-
-
-def _jsonable(cfg) -> dict:
-    from dataclasses import asdict
-
-    return json.loads(json.dumps(asdict(cfg), default=str))

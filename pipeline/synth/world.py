@@ -790,6 +790,16 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
     }
 
 
+def drawn_with(out: Path, cfg: WorldConfig) -> bool:
+    """Whether `out` holds a world generated with exactly these settings (its world.json says so), so
+    a caller can reuse it instead of drawing it again. The settings go through JSON as `generate`
+    writes them, so a tuple and the list it became compare equal."""
+    meta = Path(out) / "world.json"
+    if not meta.exists():
+        return False
+    return json.loads(meta.read_text()).get("settings") == json.loads(json.dumps(asdict(cfg), default=str))
+
+
 def generate(cfg: WorldConfig, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Write a synthetic world's raw source (docs/DATA.md) into `out`; return the summary that is
     also written to `out/world.json`. Built in a sibling temp dir and renamed into place at the end;
