@@ -103,10 +103,23 @@ class _Client:
     def wait_pushes(self) -> None:
         """Block until every push sent with `wait=False` has been received (remote clients)."""
 
-    def embed(self, image_ids: Any, train: bool = True) -> EmbedResult:
+    def _embed_at(self, ids: Tensor, step: int) -> Tensor:
+        raise NotImplementedError
+
+    def keep_snapshots(self, every: int, offset: int = 0) -> None:
+        """Have the service copy its head whenever its global step plus `offset` is a multiple of
+        `every` (for `embed(..., at_step=)`)."""
+        raise NotImplementedError
+
+    def embed(self, image_ids: Any, train: bool = True, at_step: int | None = None) -> EmbedResult:
         """With `cache` set (a `trainer.ps.cache.ImageCache`, PICASSO's caching), training lookups of
-        hot images are served from the worker's copy while it is fresh enough; evaluation never is."""
+        hot images are served from the worker's copy while it is fresh enough; evaluation never is.
+        `at_step` (evaluation only): the head as it was after that global step (`keep_snapshots`)."""
         unique, inverse, n = _dedup(image_ids)
+        if at_step is not None:
+            if train:
+                raise ValueError("embed(at_step=...) reads a past head: for evaluation only (train=False)")
+            return EmbedResult(self._embed_at(unique.to(ID_WIRE_DTYPE), int(at_step)), inverse, unique, -1)
         m = self.meter
         occurrences = [n]  # the service counts the batch's occurrences once, however many calls the cache makes
 
@@ -178,6 +191,12 @@ class LocalClient(_Client):
         emb, version = self.service.compute(self.service._ids(ids))
         self.service.count_embed(ids.nbytes, emb.nbytes, occurrences, time.perf_counter() - t0)
         return emb, version
+
+    def _embed_at(self, ids: Tensor, step: int) -> Tensor:
+        return self.service.embed_at(ids, step).embeddings
+
+    def keep_snapshots(self, every: int, offset: int = 0) -> None:
+        self.service.keep_snapshots(every, offset)
 
     def _push(self, ids: Tensor, grads: Tensor, token: int | None, wait: bool = True) -> int:
         return self.service.backward(ids, grads, token=token, wire_bytes=ids.nbytes + grads.nbytes).wait()
@@ -259,10 +278,10 @@ def _leave(graceful: bool) -> None:
 
 def _refusal_types() -> dict[str, type[Exception]]:
     from image_service.server import RequestTooLarge
-    from image_service.service import UnknownImageIds
+    from image_service.service import SnapshotMissing, UnknownImageIds
 
-    return {"UnknownImageIds": UnknownImageIds, "RequestTooLarge": RequestTooLarge, "ValueError": ValueError,
-            "TypeError": TypeError, "UserError": UserError}
+    return {"UnknownImageIds": UnknownImageIds, "SnapshotMissing": SnapshotMissing, "RequestTooLarge": RequestTooLarge,
+            "ValueError": ValueError, "TypeError": TypeError, "UserError": UserError}
 
 
 _REFUSALS = _refusal_types()
@@ -321,6 +340,16 @@ class RemoteClient(_Client):
         from image_service import server
 
         return self._call(server.rpc_embed, ids, occurrences)
+
+    def _embed_at(self, ids: Tensor, step: int) -> Tensor:
+        from image_service import server
+
+        return self._call(server.rpc_embed_at, ids, step)[0]
+
+    def keep_snapshots(self, every: int, offset: int = 0) -> None:
+        from image_service import server
+
+        self._call(server.rpc_keep_snapshots, every, offset)
 
     def _push(self, ids: Tensor, grads: Tensor, token: int | None, wait: bool = True) -> int:
         from image_service import server

@@ -16,6 +16,11 @@ trainer adds GBA through the same `add` hook:
 
 A push carries a future that completes once the step containing it has been applied, so a worker
 that waits on it (synchronous training) reads the new head in its next `embed`.
+
+Every policy counts the job's global steps (`step`), as the parameter-server shards do: one per
+update under `sync` and `gba`, one per `n` pushes under `immediate` (the async PS's bookkeeping). The
+service keys its evaluation snapshots by it, so that an evaluation reads the head of the same step
+as the model it evaluates.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class UpdatePolicy:
     """Collects pushes and returns the updates that are ready to apply, in order."""
 
     name = "policy"
+    step = 0  # global steps completed (see the module's docstring)
 
     def add(self, push: Push) -> list[Update]:
         raise NotImplementedError
@@ -81,7 +87,13 @@ class UpdatePolicy:
 class Immediate(UpdatePolicy):
     name = "immediate"
 
+    def __init__(self, n: int = 1, step: int = 0):
+        self.n, self.step, self._pushes = max(1, int(n)), int(step), 0
+
     def add(self, push: Push) -> list[Update]:
+        self._pushes += 1
+        if self._pushes % self.n == 0:
+            self.step += 1
         return [Update(push.ids, push.grads, [push])]
 
 
@@ -90,10 +102,11 @@ class Sync(UpdatePolicy):
 
     name = "sync"
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, step: int = 0):
         if n < 1:
             raise ValueError(f"sync policy needs n >= 1 workers (got {n})")
         self.n = n
+        self.step = int(step)
         self._held: dict[int | None, list[Push]] = {}
 
     def add(self, push: Push) -> list[Update]:
@@ -109,6 +122,7 @@ class Sync(UpdatePolicy):
         # depended on which worker came first would make a synchronous run irreproducible.
         held.sort(key=lambda p: p.worker)
         ids, grads = merge_pushes(held, scale=1.0 / self.n)
+        self.step += 1
         return [Update(ids, grads, held)]
 
     def pending(self) -> int:
@@ -117,6 +131,7 @@ class Sync(UpdatePolicy):
     def flush(self) -> list[Update]:
         out = [Update(*merge_pushes(held, scale=1.0 / self.n), held) for held in self._held.values()]
         self._held = {}
+        self.step += len(out)
         return out
 
     def describe(self) -> dict:
@@ -169,9 +184,9 @@ class GBA(UpdatePolicy):
 
 def make_policy(name: str, workers: int = 1, threshold: int = 2, decay: float = 0.5, step: int = 0) -> UpdatePolicy:
     if name == "immediate":
-        return Immediate()
+        return Immediate(workers, step)
     if name == "sync":
-        return Sync(workers)
+        return Sync(workers, step)
     if name == "gba":
         from vitrine.gba import GBAConfig
 

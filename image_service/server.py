@@ -12,6 +12,8 @@ unique per request), embeddings and their gradients, never pixels or trunk featu
 - `rpc_backward(ids, grads, token, worker)`: hands the push to the update policy and answers the
   head's version once the step containing the push is applied (at once under `immediate`; when all
   workers of the step have pushed under `sync`).
+- `rpc_keep_snapshots(every)`, `rpc_embed_at(ids, step)`: the head as of a global step, for a
+  training job's evaluations while its workers go on training (not merged with training requests).
 - `rpc_info`, `rpc_counters`, `rpc_state_dict`, `rpc_load_state_dict`, `rpc_checkpoint` and
   `rpc_trunk_features` (to export the model, never during training).
 
@@ -193,6 +195,18 @@ def rpc_embed(ids: Tensor, occurrences: int) -> torch.futures.Future:
         return emb, version
 
     return fut.then(answer)
+
+
+@_answers_refusals
+def rpc_embed_at(ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    srv = _server()
+    srv.check_size(int(ids.numel()), "embed")
+    res = srv.service.embed_at(_to_ids(ids), int(step))
+    return res.embeddings, res.inverse, res.unique_ids
+
+
+def rpc_keep_snapshots(every: int, offset: int) -> None:
+    _server().service.keep_snapshots(every, offset)
 
 
 @_async_answers_refusals

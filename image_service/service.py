@@ -10,6 +10,11 @@ Protocol, per training step:
     ... model forward on `full`, loss.backward() ...
     service.backward(res.unique_ids, emb.grad)     # or (ids, grad of `full`): summed per id
 
+`embed_at(ids, step)` embeds with the head as it was after global step `step` (`keep_snapshots`):
+in the asynchronous modes the head goes on training while the job's coordinator evaluates a model
+taken from the parameter server at one step, and an evaluation that mixed that model with a head
+several steps newer measured neither.
+
 `embed` returns plain tensors (no autograd graph leaves the service). `backward` sums the gradients
 per unique id and hands them to the update policy (`image_service.policy`: `immediate` applies each
 push at once, `sync` waits for all workers of a step). Applying an update recomputes the head on the
@@ -26,6 +31,7 @@ The same object serves in-process (tests, `--image-service local`) and behind to
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import time
@@ -48,6 +54,10 @@ EMBED_BLOCK = 128  # rows per head call when embedding (see `ImageService._head_
 
 class UnknownImageIds(UserError, IndexError):
     """Image ids outside the store (0..n-1); the message lists them."""
+
+
+class SnapshotMissing(UserError, LookupError):
+    """`embed_at` asked for a step the service kept no snapshot of."""
 
 
 @dataclass
@@ -111,6 +121,9 @@ class ImageService:
         self.last_token: int | None = None
         self.counters: dict[str, float] = _new_counters()
         self._lock = threading.RLock()
+        self._stepped = threading.Condition(self._lock)  # notified whenever the policy's step may have moved
+        self.snapshot_every, self.snapshot_offset = 0, 0
+        self._snapshot: tuple[int, nn.Module] | None = None  # (global step, a frozen copy of the head)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -177,7 +190,42 @@ class ImageService:
             self.counters["merged_computes"] += 1
             return emb, self.version
 
-    def _head_in_blocks(self, feats: Tensor) -> Tensor:
+    def keep_snapshots(self, every: int, offset: int = 0) -> None:
+        """From now on, copy the head each time the policy's global step plus `offset` is a multiple of
+        `every` (0: stop). One copy is kept, the latest; the trainer asks for epoch ends, `every` steps
+        apart (`offset`: batches handed out but never applied before a resume)."""
+        with self._lock:
+            self.snapshot_every, self.snapshot_offset = max(0, int(every)), int(offset)
+            self._snapshot = None
+            self._after_step()
+
+    def _after_step(self) -> None:
+        """Lock held, after anything that may advance the policy's step."""
+        step = self.policy.step
+        if self.snapshot_every and (step + self.snapshot_offset) % self.snapshot_every == 0 and (self._snapshot is None
+                                                                        or self._snapshot[0] != step):
+            self._snapshot = (step, copy.deepcopy(self.head).requires_grad_(False))
+        self._stepped.notify_all()
+
+    def embed_at(self, image_ids: Any, step: int, wait_s: float = 60.0) -> EmbedResult:
+        """Embeddings from the head as it was after global step `step`, waiting (at most `wait_s`) for
+        the service to get there. For evaluation: nothing is counted as training traffic."""
+        ids = self._ids(image_ids)
+        unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        with self._stepped:
+            self._stepped.wait_for(lambda: self.policy.step >= step, timeout=wait_s)
+            snap = self._snapshot
+            if snap is None or snap[0] != step:
+                kept = "none" if snap is None else f"step {snap[0]}"
+                raise SnapshotMissing(
+                    f"the image service has no snapshot of its head at step {step} (it is at step "
+                    f"{self.policy.step}, snapshots every {self.snapshot_every or '-'} steps, kept: {kept}); "
+                    f"evaluate the live head instead")
+        with torch.no_grad():
+            emb = self._head_in_blocks(self._features[unique], snap[1])
+        return EmbedResult(emb, inverse, unique, -1)
+
+    def _head_in_blocks(self, feats: Tensor, head: nn.Module | None = None) -> Tensor:
         """The head over blocks of exactly `EMBED_BLOCK` rows, the last one padded with zeros. The
         rounding of a matrix product depends on how many rows it multiplies (an image embedded alone
         and inside a group of 800 differ in the last bits), so with one call per merged group an
@@ -190,7 +238,8 @@ class ImageService:
         pad = -n % EMBED_BLOCK
         if pad:
             feats = torch.cat([feats, feats.new_zeros((pad, feats.shape[1]))])
-        return torch.cat([self.head(block) for block in feats.split(EMBED_BLOCK)])[:n]
+        head = self.head if head is None else head
+        return torch.cat([head(block) for block in feats.split(EMBED_BLOCK)])[:n]
 
     def backward(self, image_ids: Any, grad_embeddings: Any, token: int | None = None,
                  worker: int = 0, wire_bytes: int | None = None) -> torch.futures.Future:
@@ -226,6 +275,7 @@ class ImageService:
                 push.done.set_result(self.version)
             for update in updates:
                 self._apply(update)
+            self._after_step()
             c["backward_seconds"] += time.perf_counter() - t0
         return push.done
 
@@ -236,6 +286,7 @@ class ImageService:
             for update in self.policy.flush():
                 self._apply(update)
             self.policy = policy
+            self._after_step()
             return self.version
 
     def _apply(self, update: Update) -> None:

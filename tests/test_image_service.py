@@ -122,6 +122,30 @@ def test_backward_changes_only_the_head(dataset):
     assert svc.version == 1
 
 
+def test_embed_at_reads_the_head_of_a_past_step_and_names_a_missing_one(dataset):
+    """The evaluation path of an asynchronous job: the head goes on training after the epoch's last step,
+    and `embed_at` must answer with that step's head, not the live one."""
+    from image_service.policy import make_policy
+    from image_service.service import SnapshotMissing
+
+    svc = service(dataset)
+    svc.set_policy(make_policy("immediate", workers=2, step=4))  # 2 pushes per global step, from step 4
+    svc.keep_snapshots(every=5)
+    ids = [1, 2, 5]
+    for _ in range(2):  # step 5
+        svc.backward([1, 2], torch.randn(2, 12))
+    at5 = svc.embed(ids).embeddings
+    for _ in range(3):  # 1.5 steps more: the head moves on
+        svc.backward([1, 5], torch.randn(2, 12))
+    assert svc.policy.step == 6 and svc.version == 5
+    assert not torch.equal(svc.embed(ids).embeddings, at5)
+    assert torch.equal(svc.embed_at(ids, 5).embeddings, at5)
+    with pytest.raises(SnapshotMissing, match="no snapshot of its head at step 6"):
+        svc.embed_at(ids, 6, wait_s=0.01)
+    with pytest.raises(SnapshotMissing, match="at step 7.*it is at step 6"):
+        svc.embed_at(ids, 7, wait_s=0.01)  # not reached: waits, then says where it is
+
+
 def test_repeated_ids_equal_presummed_grads(dataset):
     a = service(dataset, dtype="float64")
     b = service(dataset, dtype="float64")

@@ -102,22 +102,55 @@ def test_shard_gba_takes_exactly_n_refuses_reused_tokens_and_decays_stale_pushes
         shard.push(9, 5, {}, {})
 
 
+def test_shard_snapshots_keep_the_parameters_of_the_epochs_last_step():
+    from trainer.ps.shard import ParameterShard, SnapshotMissing
+
+    shard = ParameterShard(0, 1, optimizer="sgd", lr=1.0)
+    shard.load({"w": torch.zeros(2), "t": torch.zeros(3, 2)}, {}, tables=["t"], step=0)
+    shard.configure("async", n=2)  # a global step every 2 pushes
+    shard.keep_snapshots(every=2)
+    for tok in range(6):  # steps 1, 2, 3: w = -1 per push
+        shard.push(tok, shard.step, {"w": torch.ones(2)}, {"t": (torch.tensor([tok % 3]), torch.ones(1, 2))})
+    assert shard.step == 3
+    snap = shard.snapshot(2)
+    assert torch.equal(snap["w"], -4 * torch.ones(2))  # after 4 pushes, not the live 6
+    assert torch.equal(snap["t"][:, 0], torch.tensor([-2.0, -1.0, -1.0]))
+    assert torch.equal(shard.pull({}, dense=True)[0]["w"], -6 * torch.ones(2))
+    with pytest.raises(SnapshotMissing, match="no snapshot at step 3"):
+        shard.snapshot(3, wait_s=0.01)
+    shard.configure("gba", n=2)
+    for tok in range(6, 8):  # one GBA update: step 4, a new snapshot replaces the old one
+        shard.push(tok, shard.step, {"w": torch.ones(2)}, {})
+    assert torch.equal(shard.snapshot(4)["w"], -7 * torch.ones(2))
+    with pytest.raises(SnapshotMissing, match="kept: step 4"):
+        shard.snapshot(2, wait_s=0.01)
+
+
 # -- real processes ------------------------------------------------------------------------------------------
 def test_gba_without_staleness_equals_one_process_on_the_global_batch(world_dataset, tmp_path):
     """2 workers over the PS (tokens held back until the previous step is applied: no staleness), images
-    and ID dropout on, SGD in float64: 5 GBA updates equal one process on the 256-sample batches, the
-    model on the shards and the descriptor head on the image service (its gba policy) alike."""
+    and ID dropout on, SGD in float64: 24 GBA updates equal one process on the 256-sample batches, the
+    model on the shards and the descriptor head on the image service (its gba policy) alike.
+
+    The run crosses the end of epoch 1 (step 21). The coordinator evaluates it while the other worker
+    trains on, so its validation figures equal the single process's only if it evaluates the model and
+    the head of step 21 (the snapshots), not the live ones a step or more later."""
+    steps = ["--epochs", "2", "--max-steps", "24"]
     gba = _train(world_dataset, tmp_path / "gba", "--mode", "gba", "--workers", "2", "--global-batch", "256",
-                 "--max-steps", "5", "--max-staleness", "0")
-    single = _train(world_dataset, tmp_path / "single", "--batch-size", "256", "--max-steps", "5")
-    assert gba["step"] == single["step"] == 5 and gba["phase"] == "gba"
+                 *steps, "--max-staleness", "0")
+    single = _train(world_dataset, tmp_path / "single", "--batch-size", "256", *steps)
+    assert gba["step"] == single["step"] == 24 and gba["phase"] == "gba"
     for k in single["model"]:
         assert torch.allclose(gba["model"][k], single["model"][k], rtol=0, atol=1e-6), k
     for k in single["service"]["head"]:
         assert torch.allclose(gba["service"]["head"][k], single["service"]["head"][k], rtol=0, atol=1e-6), k
-    assert gba["service"]["version"] == single["service"]["version"] == 5
+    assert gba["service"]["version"] == single["service"]["version"] == 24
     log = (tmp_path / "gba" / "ps0.log").read_text()
-    assert "'tokens_applied': 10" in log and "'gba_updates': 5" in log, log
+    assert "'tokens_applied': 48" in log and "'gba_updates': 24" in log, log
+    (mine,), (one,) = gba["history"], single["history"]
+    assert mine["step"] == one["step"] == 21
+    for k in ("valid_logloss", "valid_auc", "valid_gauc"):
+        assert mine[k] == pytest.approx(one[k], abs=1e-9), k
 
 
 def _children(pid: int) -> list:
@@ -286,6 +319,12 @@ def test_a_stopped_gba_job_checkpoints_and_resumes_in_gba(world_dataset, tmp_pat
     # Every global batch after the stop point was trained once: the step count reaches the epochs' total
     # (less at most the slices in flight when the job stopped, which the checkpoint does not hold).
     assert 12 * spe - 2 <= final["step"] <= 12 * spe, (final["step"], spe)
+    # Each epoch's validation is of its last step, also after the resume, where the steps lag the batches
+    # by the lost slices' global batches (snapshots keyed with that offset; no fallback to the live state).
+    lag = 12 * spe - final["step"]
+    assert [h["epoch"] for h in final["history"]] == list(range(1, 13))
+    assert all(h["step"] == h["epoch"] * spe - lag for h in final["history"] if h["epoch"] * spe > ckpt["step"] + lag)
+    assert "evaluating the live state" not in done.stdout + done.stderr
 
 
 def test_auto_judges_a_ps_phase_only_once_every_live_worker_has_timed_a_step():

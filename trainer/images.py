@@ -28,8 +28,10 @@ class ImageInputs:
             service.backward(self.unique_ids, self.leaf.grad, token=token, wait=wait)
 
 
-def image_inputs(batch: dict[str, Tensor], service, use_ad: bool, use_hist: bool, train: bool) -> ImageInputs:
-    """`service`: an `image_service.client` client, local or remote (the same calls either way)."""
+def image_inputs(batch: dict[str, Tensor], service, use_ad: bool, use_hist: bool, train: bool,
+                 head_at: int | None = None) -> ImageInputs:
+    """`service`: an `image_service.client` client, local or remote (the same calls either way).
+    `head_at` (evaluation): embed with the head as it was after that global step."""
     if not (use_ad or use_hist):
         return ImageInputs(None, None, None, None)
     B = batch["label"].shape[0]
@@ -41,7 +43,8 @@ def image_inputs(batch: dict[str, Tensor], service, use_ad: bool, use_hist: bool
         L = hist.shape[1]
         mask = torch.arange(L).unsqueeze(0) < batch["hist_len"].unsqueeze(1)
         parts.append(hist[mask])
-    res = service.embed(torch.cat(parts), train=train)
+    ids = torch.cat(parts)
+    res = service.embed(ids, train=train) if head_at is None else service.embed(ids, train=False, at_step=head_at)
     leaf = res.embeddings.detach().requires_grad_(train)
     full = leaf[res.inverse]
     ad = hist_emb = None

@@ -297,11 +297,14 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, split: str) -> dict[str, np.ndarray]:
+    def predict(self, split: str, head_at: int | None = None) -> dict[str, np.ndarray]:
+        """`head_at`: read image embeddings from the service's head as of that global step (a PS phase's
+        evaluation, whose model is that step's snapshot) instead of its live head."""
         self.model.eval()
         out: dict[str, list[np.ndarray]] = {k: [] for k in ("p", "y", "group", "cold", "impression_id")}
         for batch in self.eval_loaders[split].epoch(0):
-            img = image_inputs(batch, self.service, self.model.uses_ad_image, self.model.uses_hist_images, train=False)
+            img = image_inputs(batch, self.service, self.model.uses_ad_image, self.model.uses_hist_images, train=False,
+                               head_at=head_at)
             p = torch.sigmoid(self.model(batch, img.ad, img.hist))
             out["p"].append(p.double().numpy())
             out["y"].append(batch["label"].numpy())
@@ -310,15 +313,15 @@ class Trainer:
             out["impression_id"].append(batch["impression_id"].numpy())
         return {k: np.concatenate(v) for k, v in out.items()}
 
-    def evaluate(self, split: str) -> dict[str, float]:
+    def evaluate(self, split: str, head_at: int | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
         try:
-            return self._evaluate(split)
+            return self._evaluate(split, head_at)
         finally:
             self.eval_seconds += time.perf_counter() - t0
 
-    def _evaluate(self, split: str) -> dict[str, float]:
-        pred = self.predict(split)
+    def _evaluate(self, split: str, head_at: int | None = None) -> dict[str, float]:
+        pred = self.predict(split, head_at)
         oracle_p = None
         oracle = self.ds.oracle()
         if oracle is not None:
@@ -582,10 +585,10 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
     return final
 
 
-def end_of_epoch(trainer: Trainer, logger) -> None:
-    """Evaluate on valid (coordinator) after an epoch."""
+def end_of_epoch(trainer: Trainer, logger, head_at: int | None = None) -> None:
+    """Evaluate on valid (coordinator) after an epoch. `head_at`: see `Trainer.predict`."""
     if "valid" in trainer.eval_loaders and trainer.is_coordinator:
-        m = trainer.evaluate("valid")
+        m = trainer.evaluate("valid", head_at)
         trainer.history.append({"epoch": trainer.epoch, "step": trainer.step, **{f"valid_{k}": v for k, v in m.items()}})
         if logger is not None:
             logger.log_metrics({f"valid_{k}": v for k, v in m.items() if _finite(v)}, step=trainer.step)

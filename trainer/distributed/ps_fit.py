@@ -61,6 +61,7 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
     if lost:
         print(f"workers {lost} were lost during the PS phase; their tokens' slices were dropped", flush=True)
     ps.client.configure("idle", trainer.ctx.world, cfg.gba_threshold, cfg.gba_decay)
+    ps._service_policy("ar")  # applies the head's partial global batch, as `configure` did the shards'
     ps.load_from_ps()
     final = hook.close()
     prev_epoch = trainer.epoch
@@ -127,15 +128,31 @@ class _Coordinator:
                 self._checkpoint(rep)
             self.last_step = step
         if tok is not None and int(tok["batch"]) // self.spe > t.epoch:
-            from trainer.train import end_of_epoch
-
-            t.ps.load_from_ps()
             t.epoch, t.batch_in_epoch = divmod(int(tok["batch"]), self.spe)
-            before = t.eval_seconds
-            end_of_epoch(t, self.logger)
+            before, now = t.eval_seconds, t.step
+            self._evaluate_epoch_end()
+            t.step = now
             # The other workers keep taking tokens while this one evaluates, so unlike an all-reduce
             # step's evaluation this time is not a pause of training: it stays in train_seconds.
             t.eval_seconds = before
+
+    def _evaluate_epoch_end(self) -> None:
+        """The model and image head of the epoch's last step (snapshots), logged at that step; the live
+        state when a snapshot is missing (e.g. the service drops pushes the shards keep, so its step lags)."""
+        from image_service.service import SnapshotMissing
+        from trainer.train import end_of_epoch
+
+        t = self.t
+        at = t.ps.load_epoch_end(t.epoch)
+        if at is not None:
+            t.step = at
+            try:
+                end_of_epoch(t, self.logger, head_at=at if t.service is not None else None)
+                return
+            except SnapshotMissing as exc:
+                print(f"epoch {t.epoch}: evaluating the live state, not the epoch's end: {exc}", flush=True)
+        t.ps.load_from_ps()
+        end_of_epoch(t, self.logger)
 
     def _ask_ar(self, why: str) -> None:
         self.client.tokens("set_command", "ar")

@@ -71,6 +71,13 @@ class PSPhase:
         self.client.tokens("start", t.step, first_batch, end_batch, self.ctx.world, cfg.max_staleness,
                            t.straggler.as_tuple())
         self._service_policy(mode)
+        # Epoch ends are evaluated on snapshots of that step (see `load_epoch_end`): the shards and the
+        # service copy their state each time their step reaches an epoch's last batch.
+        spe = len(t.train_loader)
+        self.batch_minus_step = first_batch - t.step  # 0 unless a resumed PS phase lost in-flight batches
+        self.client.keep_snapshots(spe, self.batch_minus_step)
+        if t.service is not None:
+            t.service.keep_snapshots(spe, self.batch_minus_step)
 
     def set_mode(self, mode: str) -> None:
         """Coordinator: async <-> gba in place."""
@@ -93,6 +100,25 @@ class PSPhase:
         self._it = None
         self._pos = first_batch
         self._last = None
+
+    def load_epoch_end(self, epoch: int, wait_s: float = 60.0) -> int | None:
+        """Coordinator: load the model as it was after the last global step of `epoch` epochs and return
+        that step (the image head's snapshot has the same key), or None when a shard kept no snapshot of
+        it (the caller evaluates the live state instead). The other workers train on meanwhile; taking
+        the live state instead evaluated the model several steps into the next epoch, with a head that
+        moved on during the evaluation (docs/DISTRIBUTED.md)."""
+        from trainer.ps.shard import SnapshotMissing
+
+        step = epoch * len(self.t.train_loader) - self.batch_minus_step
+        try:
+            params = self.client.snapshot(step, wait_s)
+        except SnapshotMissing as exc:
+            print(f"epoch {epoch}: evaluating the live state, not the epoch's end: {exc}", flush=True)
+            return None
+        with torch.no_grad():
+            for n, p in self.t.model.named_parameters():
+                p.copy_(params[n])
+        return step
 
     def load_from_ps(self) -> None:
         params, state, step = self.client.export()

@@ -106,6 +106,22 @@ class PSClient:
         params, state = self.layout.join(parts)
         return params, state, int(parts[0]["step"])  # shard 0 keeps the global step
 
+    def keep_snapshots(self, every: int, offset: int = 0) -> None:
+        for f in [rpc.rpc_async(n, server.rpc_keep_snapshots, args=(every, offset)) for n in self.names]:
+            f.wait()
+
+    def snapshot(self, step: int, wait_s: float = 60.0) -> dict[str, Tensor]:
+        """Every parameter as it was after global step `step` (`keep_snapshots`); raises
+        `trainer.ps.shard.SnapshotMissing` when a shard kept none of that step."""
+        from trainer.ps.shard import SnapshotMissing
+
+        parts = [f.wait() for f in [rpc.rpc_async(n, server.rpc_snapshot, args=(step, wait_s)) for n in self.names]]
+        missing = [p["missing"] for p in parts if "missing" in p]
+        if missing:
+            raise SnapshotMissing("; ".join(missing))
+        params, _ = self.layout.join([{"params": p["params"], "state": {n: {} for n in p["params"]}} for p in parts])
+        return params
+
     def configure(self, mode: str, n: int, threshold: int, decay: float, step: int | None = None) -> int:
         futs = [rpc.rpc_async(s, server.rpc_configure, args=(mode, n, threshold, decay, step)) for s in self.names]
         return max(f.wait() for f in futs)

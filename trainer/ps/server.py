@@ -66,6 +66,20 @@ def rpc_configure(mode: str, n: int, threshold: int, decay: float, step: int | N
     return _shard().configure(mode, n, threshold, decay, step)
 
 
+def rpc_keep_snapshots(every: int, offset: int) -> None:
+    _shard().keep_snapshots(every, offset)
+
+
+def rpc_snapshot(step: int, wait_s: float) -> dict[str, Any]:
+    """The shard's parameters after `step`, or {"missing": why} (a refusal, not an RPC error)."""
+    from trainer.ps.shard import SnapshotMissing
+
+    try:
+        return {"params": _shard().snapshot(step, wait_s)}
+    except SnapshotMissing as exc:
+        return {"missing": str(exc)}
+
+
 def rpc_counters() -> dict[str, Any]:
     return _shard().counters()
 

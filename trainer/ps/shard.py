@@ -10,6 +10,10 @@ Modes (`configure`):
   divided by N. Pushes never wait for the update (the worker goes on at once).
 - `idle`: holds the state, refuses pushes (all-reduce phases, before the job starts).
 
+`keep_snapshots(every)`: the shard copies its parameters each time its step reaches a multiple of
+`every`, so the coordinator can evaluate the model of exactly that step (an epoch's end) while the
+other workers train on; `snapshot(step)` returns the copy.
+
 Every update is one dense optimizer step over the whole shard: untouched rows get a zero gradient,
 exactly as the all-reduce mode's dense gradients give them, so Adam's moments (and therefore the
 model) evolve the same way in every mode, and a switch needs no re-tuning.
@@ -33,6 +37,10 @@ class TokenReused(ValueError):
     pass
 
 
+class SnapshotMissing(LookupError):
+    pass
+
+
 class ParameterShard:
     def __init__(self, shard: int, shards: int, optimizer: str = "adam", lr: float = 1e-3, lr_decay: float = 1.0,
                  lr_decay_steps: int = 1 << 62):
@@ -51,6 +59,8 @@ class ParameterShard:
         self._seen: set[int] = set()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.snapshot_every, self.snapshot_offset = 0, 0
+        self._snapshot: tuple[int, dict[str, Tensor]] | None = None
 
     # -- state --------------------------------------------------------------------------------------
     def load(self, params: dict[str, Tensor], state: dict[str, dict[str, Any]], tables: list[str], step: int) -> None:
@@ -65,7 +75,8 @@ class ParameterShard:
                     self.opt.state[self.params[name]] = {k: (v.clone() if isinstance(v, Tensor) else v)
                                                          for k, v in st.items()}
             self.step = int(step)
-            self.cond.notify_all()
+            self._snapshot = None
+            self._stepped()
 
     def export(self) -> dict[str, Any]:
         """A consistent snapshot of this shard: params, optimizer state by name, step."""
@@ -93,7 +104,7 @@ class ParameterShard:
             self.gba = GBAConfig(n=n, threshold=threshold, decay=decay)
             self.agg = Aggregator(self.gba, self.stats)
             self.pushes = 0
-            self.cond.notify_all()
+            self._stepped()
             return self.step
 
     # -- the worker's calls ---------------------------------------------------------------------------
@@ -129,7 +140,7 @@ class ParameterShard:
                 if self.pushes % self.gba.n == 0:
                     self.step += 1
                     self.stats.updates += 1
-                self.cond.notify_all()
+                self._stepped()
                 return staleness
             w, batch = self.agg.add(staleness, (dense, sparse))
             if w <= self.gba.drop_below:
@@ -137,8 +148,33 @@ class ParameterShard:
             if batch is not None:
                 self._apply(batch, self.gba.n)
                 self.step += 1
-                self.cond.notify_all()
+                self._stepped()
             return staleness
+
+    # -- evaluation snapshots ------------------------------------------------------------------------
+    def keep_snapshots(self, every: int, offset: int = 0) -> None:
+        """Copy the parameters whenever `step + offset` is a multiple of `every` (0: never)."""
+        with self.cond:
+            self.snapshot_every, self.snapshot_offset = max(0, int(every)), int(offset)
+            self._stepped()
+
+    def _stepped(self) -> None:
+        """Lock held, after anything that may have moved the step."""
+        if (self.snapshot_every and (self.step + self.snapshot_offset) % self.snapshot_every == 0
+                and (self._snapshot is None or self._snapshot[0] != self.step)):
+            self._snapshot = (self.step, {n: p.detach().clone() for n, p in self.params.items()})
+        self.cond.notify_all()
+
+    def snapshot(self, step: int, wait_s: float = 60.0) -> dict[str, Tensor]:
+        """The parameters as they were after `step`, waiting (at most `wait_s`) for the shard to get there."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.step >= step, timeout=wait_s)
+            snap = self._snapshot
+            if snap is None or snap[0] != step:
+                kept = "none" if snap is None else f"step {snap[0]}"
+                raise SnapshotMissing(f"PS shard {self.shard} has no snapshot at step {step} (it is at step "
+                                      f"{self.step}, snapshots every {self.snapshot_every or '-'} steps, kept: {kept})")
+            return dict(snap[1])
 
     def _apply(self, contributions, divisor: int) -> None:
         """One optimizer step on sum(weight * gradient) / divisor over (weight, staleness, (dense,
