@@ -37,6 +37,7 @@ the standard errors beside the differences.
 
     python benchmarks/gba_bench.py                 # the full table (about 30 minutes here)
     python benchmarks/gba_bench.py --quick         # smoke run: factor 4 only, 20 steps, seed 0
+    python benchmarks/gba_bench.py --gba-threshold 1   # GBA decaying gradients 2+ steps stale
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def run(ds: Path, out: Path, mode: str, factor: float, seed: int, args, extra: l
         argv += ["--max-steps", str(args.max_steps)]
     if factor > 1:
         argv += ["--straggler", f"1:{factor:g}"]
+    for flag in ("gba_threshold", "gba_decay"):  # GBA's own settings: the same for every row of a table
+        if getattr(args, flag, None) is not None:
+            argv += [f"--{flag.replace('_', '-')}", f"{getattr(args, flag):g}"]
     argv += extra
     t0 = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -114,6 +118,10 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", default=None, metavar="MODE",
                     help="run only these rows (e.g. ar gba); targets that need a row left out are not judged")
     ap.add_argument("--quick", action="store_true", help="factor 4 only, 20 steps, one seed (targets still checked)")
+    ap.add_argument("--gba-threshold", type=int, default=None,
+                    help="GBA's staleness threshold for every run (default: the trainer's, 2)")
+    ap.add_argument("--gba-decay", type=float, default=None,
+                    help="GBA's decay beyond the threshold for every run (default: the trainer's, 0.5)")
     ap.add_argument("--work", default=str(ROOT / "data" / "bench" / "ams"))
     args = ap.parse_args()
     if args.only and "ar" not in args.only:
@@ -148,7 +156,12 @@ def main() -> int:
         return statistics.fmean(results[(mode, factor, s)][key] for s in seeds)
 
     print()
-    print(f"Means over seeds {', '.join(map(str, seeds))}; AUC - ar is paired by seed, +- its standard error.")
+    from trainer.config import TrainConfig
+
+    gba = (TrainConfig.gba_threshold if args.gba_threshold is None else args.gba_threshold,
+           TrainConfig.gba_decay if args.gba_decay is None else args.gba_decay)
+    print(f"Means over seeds {', '.join(map(str, seeds))}; AUC - ar is paired by seed, +- its standard error. "
+          f"GBA threshold {gba[0]}, decay {gba[1]:g}.")
     print()
     print("| straggler | mode | train s | samples/s | vs ar | test AUC | AUC - ar | steps | decayed PS/images | "
           f"worker 1's pace | switches (seed {seeds[0]}) |")

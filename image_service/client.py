@@ -111,6 +111,10 @@ class _Client:
         `every` (for `embed(..., at_step=)`)."""
         raise NotImplementedError
 
+    def flush(self) -> int:
+        """Have the service apply the pushes its policy holds back (the end of a PS phase)."""
+        raise NotImplementedError
+
     def embed(self, image_ids: Any, train: bool = True, at_step: int | None = None) -> EmbedResult:
         """With `cache` set (a `trainer.ps.cache.ImageCache`, PICASSO's caching), training lookups of
         hot images are served from the worker's copy while it is fresh enough; evaluation never is.
@@ -197,6 +201,9 @@ class LocalClient(_Client):
 
     def keep_snapshots(self, every: int, offset: int = 0) -> None:
         self.service.keep_snapshots(every, offset)
+
+    def flush(self) -> int:
+        return self.service.flush()
 
     def _push(self, ids: Tensor, grads: Tensor, token: int | None, wait: bool = True) -> int:
         return self.service.backward(ids, grads, token=token, wire_bytes=ids.nbytes + grads.nbytes).wait()
@@ -350,6 +357,11 @@ class RemoteClient(_Client):
         from image_service import server
 
         self._call(server.rpc_keep_snapshots, every, offset)
+
+    def flush(self) -> int:
+        from image_service import server
+
+        return self._call(server.rpc_flush)
 
     def _push(self, ids: Tensor, grads: Tensor, token: int | None, wait: bool = True) -> int:
         from image_service import server

@@ -258,6 +258,11 @@ def rpc_set_policy(name: str, workers: int, threshold: int, decay: float, step: 
     return srv.service.set_policy(policy)
 
 
+def rpc_flush() -> int:
+    """Apply the pushes the policy holds back; answers the head's version."""
+    return _server().service.flush()
+
+
 def rpc_checkpoint(step: int | None) -> int:
     return _server().save_own_checkpoint(step)
 

@@ -279,6 +279,15 @@ class ImageService:
             c["backward_seconds"] += time.perf_counter() - t0
         return push.done
 
+    def flush(self) -> int:
+        """Apply what the policy holds back (a partial GBA batch as its sum / N) and keep the policy, with
+        its figures: a PS phase's end, when the shards apply theirs. Returns the version."""
+        with self._lock:
+            for update in self.policy.flush():
+                self._apply(update)
+            self._after_step()
+            return self.version
+
     def set_policy(self, policy: UpdatePolicy) -> int:
         """Switch the update policy (the trainer switching modes). Pushes the old policy still holds are
         applied first (a partial GBA batch as its sum / N), so nothing pushed is lost."""

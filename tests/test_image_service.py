@@ -146,6 +146,17 @@ def test_embed_at_reads_the_head_of_a_past_step_and_names_a_missing_one(dataset)
         svc.embed_at(ids, 7, wait_s=0.01)  # not reached: waits, then says where it is
 
 
+def test_flush_applies_a_partial_gba_batch_and_keeps_the_policy(dataset):
+    from image_service.policy import make_policy
+
+    svc = service(dataset)
+    svc.set_policy(make_policy("gba", workers=2, step=3))
+    svc.backward([1, 2], torch.randn(2, 12), token=3)  # one push of two: held back
+    assert svc.version == 0 and svc.policy.pending() == 1
+    assert svc.flush() == 1 and svc.policy.step == 4 and svc.policy.pending() == 0
+    assert svc.policy.describe()["policy"] == "gba" and svc.policy.describe()["tokens_applied"] == 1
+
+
 def test_repeated_ids_equal_presummed_grads(dataset):
     a = service(dataset, dtype="float64")
     b = service(dataset, dtype="float64")

@@ -147,6 +147,9 @@ def test_gba_without_staleness_equals_one_process_on_the_global_batch(world_data
     assert gba["service"]["version"] == single["service"]["version"] == 24
     log = (tmp_path / "gba" / "ps0.log").read_text()
     assert "'tokens_applied': 48" in log and "'gba_updates': 24" in log, log
+    # The image service's own GBA figures reach the result (its partial batch is flushed, its policy kept).
+    result = json.loads((tmp_path / "gba" / "result.json").read_text())
+    assert result["image_tokens_applied"] == 48 and result["image_gba_updates"] == 24, result
     (mine,), (one,) = gba["history"], single["history"]
     assert mine["step"] == one["step"] == 21
     for k in ("valid_logloss", "valid_auc", "valid_gauc"):

@@ -61,7 +61,8 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
     if lost:
         print(f"workers {lost} were lost during the PS phase; their tokens' slices were dropped", flush=True)
     ps.client.configure("idle", trainer.ctx.world, cfg.gba_threshold, cfg.gba_decay)
-    ps._service_policy("ar")  # applies the head's partial global batch, as `configure` did the shards'
+    if trainer.service is not None:
+        trainer.service.flush()  # the head's partial global batch, as `configure` applied the shards'
     ps.load_from_ps()
     final = hook.close()
     prev_epoch = trainer.epoch
