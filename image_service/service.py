@@ -123,7 +123,7 @@ class ImageService:
         self._lock = threading.RLock()
         self._stepped = threading.Condition(self._lock)  # notified whenever the policy's step may have moved
         self.snapshot_every, self.snapshot_offset = 0, 0
-        self._snapshot: tuple[int, nn.Module] | None = None  # (global step, a frozen copy of the head)
+        self._snapshots: dict[int, nn.Module] = {}  # global step -> a frozen copy of the head
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -192,19 +192,19 @@ class ImageService:
 
     def keep_snapshots(self, every: int, offset: int = 0) -> None:
         """From now on, copy the head each time the policy's global step plus `offset` is a multiple of
-        `every` (0: stop). One copy is kept, the latest; the trainer asks for epoch ends, `every` steps
-        apart (`offset`: batches handed out but never applied before a resume)."""
+        `every` (0: stop). A copy is kept until a later step's is asked for (`embed_at`); the trainer
+        asks for epoch ends, `every` steps apart, in order (`offset`: batches handed out but never
+        applied before a resume)."""
         with self._lock:
             self.snapshot_every, self.snapshot_offset = max(0, int(every)), int(offset)
-            self._snapshot = None
+            self._snapshots.clear()
             self._after_step()
 
     def _after_step(self) -> None:
         """Lock held, after anything that may advance the policy's step."""
         step = self.policy.step
-        if self.snapshot_every and (step + self.snapshot_offset) % self.snapshot_every == 0 and (self._snapshot is None
-                                                                        or self._snapshot[0] != step):
-            self._snapshot = (step, copy.deepcopy(self.head).requires_grad_(False))
+        if self.snapshot_every and (step + self.snapshot_offset) % self.snapshot_every == 0 and step not in self._snapshots:
+            self._snapshots[step] = copy.deepcopy(self.head).requires_grad_(False)
         self._stepped.notify_all()
 
     def embed_at(self, image_ids: Any, step: int, wait_s: float = 60.0) -> EmbedResult:
@@ -214,15 +214,17 @@ class ImageService:
         unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         with self._stepped:
             self._stepped.wait_for(lambda: self.policy.step >= step, timeout=wait_s)
-            snap = self._snapshot
-            if snap is None or snap[0] != step:
-                kept = "none" if snap is None else f"step {snap[0]}"
+            for old in [k for k in self._snapshots if k < step]:
+                del self._snapshots[old]
+            head = self._snapshots.get(step)
+            if head is None:
+                kept = ", ".join(f"step {k}" for k in sorted(self._snapshots)) or "none"
                 raise SnapshotMissing(
                     f"the image service has no snapshot of its head at step {step} (it is at step "
                     f"{self.policy.step}, snapshots every {self.snapshot_every or '-'} steps, kept: {kept}); "
                     f"evaluate the live head instead")
         with torch.no_grad():
-            emb = self._head_in_blocks(self._features[unique], snap[1])
+            emb = self._head_in_blocks(self._features[unique], head)
         return EmbedResult(emb, inverse, unique, -1)
 
     def _head_in_blocks(self, feats: Tensor, head: nn.Module | None = None) -> Tensor:

@@ -144,6 +144,17 @@ def test_embed_at_reads_the_head_of_a_past_step_and_names_a_missing_one(dataset)
         svc.embed_at(ids, 6, wait_s=0.01)
     with pytest.raises(SnapshotMissing, match="at step 7.*it is at step 6"):
         svc.embed_at(ids, 7, wait_s=0.01)  # not reached: waits, then says where it is
+    # A coordinator more than an epoch behind: the heads of steps 10 and 15 both wait to be asked for.
+    heads = {}
+    for _ in range(2):
+        while svc.policy.step % 5 or svc.policy.step in heads or svc.policy.step < 10:
+            svc.backward([2, 5], torch.randn(2, 12))
+        heads[svc.policy.step] = svc.embed(ids).embeddings
+    assert sorted(heads) == [10, 15]
+    assert torch.equal(svc.embed_at(ids, 10).embeddings, heads[10])
+    assert torch.equal(svc.embed_at(ids, 15).embeddings, heads[15])
+    with pytest.raises(SnapshotMissing, match="kept: step 15"):
+        svc.embed_at(ids, 10, wait_s=0.01)
 
 
 def test_flush_applies_a_partial_gba_batch_and_keeps_the_policy(dataset):

@@ -119,11 +119,31 @@ def test_shard_snapshots_keep_the_parameters_of_the_epochs_last_step():
     with pytest.raises(SnapshotMissing, match="no snapshot at step 3"):
         shard.snapshot(3, wait_s=0.01)
     shard.configure("gba", n=2)
-    for tok in range(6, 8):  # one GBA update: step 4, a new snapshot replaces the old one
+    for tok in range(6, 12):  # GBA updates to steps 4, 5, 6: the copies of 4 and 6 both wait to be asked for
         shard.push(tok, shard.step, {"w": torch.ones(2)}, {})
     assert torch.equal(shard.snapshot(4)["w"], -7 * torch.ones(2))
-    with pytest.raises(SnapshotMissing, match="kept: step 4"):
-        shard.snapshot(2, wait_s=0.01)
+    assert torch.equal(shard.snapshot(6)["w"], -9 * torch.ones(2))
+    with pytest.raises(SnapshotMissing, match="kept: step 6"):  # asked for 6: the earlier copies are let go
+        shard.snapshot(4, wait_s=0.01)
+
+
+def test_a_command_takes_effect_at_a_global_batch_boundary_or_at_its_planned_batch():
+    from trainer.ps.shard import ParameterShard
+    from trainer.ps.tokens import TokenBook
+
+    book = TokenBook(ParameterShard(0, 1), world=2)
+    book.start(step=0, first_batch=0, end_batch=10, n=2, max_staleness=-1, straggler=(-1.0, 0.0, 1.0))
+    ask = lambda rank: book.request(rank, f"w{rank}", 0.0, None, 0, wait_s=0.01)  # noqa: E731
+    assert ask(0)["id"] == 0
+    book.set_command("ar")  # half of batch 0 handed out: its other slice goes first, then the switch
+    assert ask(1)["id"] == 1
+    assert ask(0) == {"kind": "ar", "batch": 1} and ask(1) == {"kind": "ar", "batch": 1}
+    book.start(step=1, first_batch=1, end_batch=10, n=2, max_staleness=-1, straggler=(-1.0, 0.0, 1.0))
+    book.set_command("ar", at_batch=3)  # planned: batches 1 and 2 whole, then the switch
+    assert [ask(r % 2)["id"] for r in range(4)] == [2, 3, 4, 5]
+    assert ask(0) == {"kind": "ar", "batch": 3}
+    book.set_command("stop")  # an unplanned command holds at once (here: a batch boundary)
+    assert ask(1)["kind"] == "stop"
 
 
 # -- real processes ------------------------------------------------------------------------------------------
@@ -197,17 +217,19 @@ def test_a_worker_killed_mid_run_in_gba_does_not_stop_the_job(world_dataset, tmp
     assert 80 <= result["steps"] <= 100 and "test_auc" in result, result
 
 
-def test_a_switch_from_ar_to_gba_carries_adam_exactly(world_dataset, tmp_path):
-    """Adam (not SGD, whose state is empty) in float64: 3 all-reduce steps, a planned switch to GBA
-    without staleness, 3 more: the parameters, both of Adam's moments and the descriptor head equal one
-    process's 6 steps on the global batches. A switch that lost or mis-cut a moment would show here as
-    a jump of the update size, not as a wrong step count."""
+def test_a_switch_from_ar_to_gba_and_back_carries_adam_exactly(world_dataset, tmp_path):
+    """Adam (not SGD, whose state is empty) in float64: 4 all-reduce steps, a planned switch to GBA
+    without staleness, 3 GBA steps, a planned switch back, 1 all-reduce step: the parameters, both of Adam's
+    moments and the descriptor head equal one process's 8 steps on the global batches. A switch that
+    lost or mis-cut a moment would show here as a jump of the update size, not as a wrong step count.
+    The GBA phase's figures survive the switch back (the service's policy is replaced by then)."""
     adam = ["--optimizer", "adam", "--lr", "0.01"]
     sw = _train(world_dataset, tmp_path / "sw", *adam, "--mode", "ar", "--workers", "2", "--global-batch", "256",
-                "--max-steps", "6", "--max-staleness", "0", "--switch-at", "3:gba")
-    single = _train(world_dataset, tmp_path / "single", *adam, "--batch-size", "256", "--max-steps", "6")
-    assert sw["step"] == single["step"] == 6 and sw["phase"] == "gba"
-    assert [s[1:3] for s in sw["switches"]] == [("ar", "gba")], sw["switches"]
+                "--max-steps", "8", "--max-staleness", "0", "--switch-at", "3:gba,6:ar")
+    single = _train(world_dataset, tmp_path / "single", *adam, "--batch-size", "256", "--max-steps", "8")
+    assert sw["step"] == single["step"] == 8 and sw["phase"] == "ar"
+    # "S:mode" switches after step S either way; the GBA phase ends on a whole global batch.
+    assert [s[:3] for s in sw["switches"]] == [(4, "ar", "gba"), (7, "gba", "ar")], sw["switches"]
     for k in single["model"]:
         assert torch.allclose(sw["model"][k], single["model"][k], rtol=0, atol=1e-9), k
     mine, one = sw["optimizer"]["state"], single["optimizer"]["state"]
@@ -215,9 +237,12 @@ def test_a_switch_from_ar_to_gba_carries_adam_exactly(world_dataset, tmp_path):
     for i in one:
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.allclose(mine[i][key], one[i][key], rtol=0, atol=1e-9), (i, key)
-        assert int(mine[i]["step"]) == int(one[i]["step"]) == 6
+        assert int(mine[i]["step"]) == int(one[i]["step"]) == 8
     for k in single["service"]["head"]:
         assert torch.allclose(sw["service"]["head"][k], single["service"]["head"][k], rtol=0, atol=1e-9), k
+    result = json.loads((tmp_path / "sw" / "result.json").read_text())
+    assert result["tokens_applied"] == 6 and result["image_tokens_applied"] == 6, result
+    assert result["image_gba_updates"] == 3 and result["worker_tokens_0"] + result["worker_tokens_1"] == 6, result
 
 
 def test_switching_ar_to_gba_and_back_keeps_the_step_and_the_optimizer_state(world_dataset, tmp_path):

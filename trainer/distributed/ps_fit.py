@@ -25,7 +25,7 @@ SHARD_FIGURES = ("tokens_applied", "tokens_decayed", "tokens_dropped", "stalenes
 
 
 def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
-    from trainer.train import end_of_epoch, log_switches
+    from trainer.train import log_switches
 
     ps = trainer.ps
     if ps is None:
@@ -45,12 +45,15 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
         dist.barrier()  # every worker's pushes are in
         if trainer.is_coordinator:
             ps.client.configure("idle", trainer.ctx.world, cfg.gba_threshold, cfg.gba_decay)
-            ps._service_policy("ar")
+            figures = _close_service(trainer, ps)
+            ps._service_policy("ar")  # before the barrier: the workers' next image pushes are all-reduce's
         dist.barrier()  # the shards are flushed
         ps.load_from_ps()
+        if trainer.is_coordinator:
+            _evaluate_missed(trainer, hook, logger, next_batch)
         trainer.epoch, trainer.batch_in_epoch = divmod(next_batch, spe)
         if trainer.is_coordinator:
-            hook.close()
+            _record_phase(trainer, ps, figures, hook.close(), logger)
             trainer.note_switch(trainer.phase, "ar", hook.switch_why)
             log_switches(trainer, logger)
         trainer.phase = "ar"
@@ -61,23 +64,68 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
     if lost:
         print(f"workers {lost} were lost during the PS phase; their tokens' slices were dropped", flush=True)
     ps.client.configure("idle", trainer.ctx.world, cfg.gba_threshold, cfg.gba_decay)
-    if trainer.service is not None:
-        trainer.service.flush()  # the head's partial global batch, as `configure` applied the shards'
+    figures = _close_service(trainer, ps)
     ps.load_from_ps()
     final = hook.close()
-    prev_epoch = trainer.epoch
-    trainer.epoch, trainer.batch_in_epoch = divmod(next_batch, spe)
-    if trainer.epoch > prev_epoch and trainer.batch_in_epoch == 0 and len(trainer.history) < trainer.epoch:
-        end_of_epoch(trainer, logger)
+    _evaluate_missed(trainer, hook, logger, next_batch)
     log_switches(trainer, logger)
+    _record_phase(trainer, ps, figures, final, logger)
+    return "stopped" if kind == "stop" else "done"
+
+
+# Counts that start afresh with each PS phase (the service's policy is new each time); the shards'
+# figures, the token book's and this worker's traffic run over the whole job already.
+_PER_PHASE = ("image_tokens_applied", "image_tokens_decayed", "image_tokens_dropped", "image_gba_updates")
+
+
+def _evaluate_missed(trainer, hook: "_Coordinator", logger, next_batch: int) -> None:
+    """Coordinator, at a PS phase's end with the live state loaded from the idle shards: evaluate the
+    epoch ends the phase passed that its hook did not (it evaluates when its own next token is in a
+    new epoch, and it may get none). An end at `next_batch` itself is the live state; earlier ones come
+    from the snapshots. Leaves `epoch`/`batch_in_epoch` at `next_batch`."""
+    from trainer.train import end_of_epoch
+
+    spe = hook.spe
+    epochs, in_epoch = divmod(next_batch, spe)
+    seen = {int(h["epoch"]) for h in trainer.history}
+    step = trainer.step
+    from_snapshots = [e for e in range(trainer.epoch + 1, epochs + (in_epoch > 0)) if e not in seen]
+    for trainer.epoch in from_snapshots:
+        hook._evaluate_epoch_end()
+    if from_snapshots:
+        trainer.step = step
+        trainer.ps.load_from_ps()
+    trainer.epoch, trainer.batch_in_epoch = epochs, in_epoch
+    if in_epoch == 0 and epochs > 0 and epochs not in seen:
+        end_of_epoch(trainer, logger)
+
+
+def _close_service(trainer, ps) -> dict[str, float]:
+    """Coordinator, the shards idle: apply the image head's partial global batch (as `configure` applied
+    the shards') and read the PS and service figures before anything replaces the service's policy:
+    a switch to all-reduce does, and its GBA figures went with it."""
+    if trainer.service is not None:
+        trainer.service.flush()
+    return gba_figures(ps.client, trainer.service)
+
+
+def _record_phase(trainer, ps, figures: dict[str, float], report: dict[str, Any], logger) -> None:
+    """Fold a finished PS phase's figures into the job's (`trainer.ps_stats`, which the result and
+    MLflow get), whichever way the phase ended. A job's phases add up: ar -> gba -> ar -> gba reports
+    the tokens of both GBA phases; the image service's staleness percentiles are its last phase's."""
     from trainer.distributed.ps_phase import stats
 
-    trainer.ps_stats = {**stats(ps), **gba_figures(ps.client, trainer.service)}
-    # Tokens each worker trained on in the job's PS phases: a straggler's share shows how slow it really was.
-    trainer.ps_stats.update({f"worker_tokens_{r}": float(n) for r, n in final["steps"].items()})
+    prev = getattr(trainer, "ps_stats", {})
+    out = {**stats(ps), **figures}
+    for k in _PER_PHASE:
+        if k in out:
+            out[k] += prev.get(k, 0.0)
+    # Tokens each worker trained on in the job's PS phases (the book counts over the job): a straggler's
+    # share shows how slow it really was.
+    out.update({f"worker_tokens_{r}": float(n) for r, n in report["steps"].items()})
+    trainer.ps_stats = out
     if logger is not None:
-        logger.log_metrics(trainer.ps_stats, step=trainer.step)
-    return "stopped" if kind == "stop" else "done"
+        logger.log_metrics(out, step=trainer.step)
 
 
 class _Coordinator:
@@ -94,6 +142,13 @@ class _Coordinator:
         self.asked_ar = False
         self.switch_why = "asked"
         self.step_s: dict[int, float] = {}
+        # A planned switch to all-reduce is the token book's to make, at a batch known now: "S:ar" ends
+        # the phase after step S, as "S:gba" from all-reduce begins it after step S.
+        at = next((i for i, (_, mode) in enumerate(trainer.planned) if mode == "ar"), None)
+        if at is not None:
+            step, _ = trainer.planned.pop(at)
+            self.client.tokens("set_command", "ar", step + 1 + trainer.ps.batch_minus_step)
+            self.switch_why = f"planned at step {step} (--switch-at)"
 
     def __call__(self, tok: dict[str, Any] | None) -> None:
         t = self.t
@@ -129,9 +184,12 @@ class _Coordinator:
                 self._checkpoint(rep)
             self.last_step = step
         if tok is not None and int(tok["batch"]) // self.spe > t.epoch:
-            t.epoch, t.batch_in_epoch = divmod(int(tok["batch"]), self.spe)
+            epoch, t.batch_in_epoch = divmod(int(tok["batch"]), self.spe)
             before, now = t.eval_seconds, t.step
-            self._evaluate_epoch_end()
+            # Every epoch end since this worker's last token, not only the newest: while it evaluated one,
+            # the others may have trained through a whole epoch (small epochs, a slow evaluation).
+            for t.epoch in range(t.epoch + 1, epoch + 1):
+                self._evaluate_epoch_end()
             t.step = now
             # The other workers keep taking tokens while this one evaluates, so unlike an all-reduce
             # step's evaluation this time is not a pause of training: it stays in train_seconds.

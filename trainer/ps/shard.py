@@ -60,7 +60,7 @@ class ParameterShard:
         self.bytes_in = 0
         self.bytes_out = 0
         self.snapshot_every, self.snapshot_offset = 0, 0
-        self._snapshot: tuple[int, dict[str, Tensor]] | None = None
+        self._snapshots: dict[int, dict[str, Tensor]] = {}  # step -> parameters, until asked for a later step
 
     # -- state --------------------------------------------------------------------------------------
     def load(self, params: dict[str, Tensor], state: dict[str, dict[str, Any]], tables: list[str], step: int) -> None:
@@ -75,7 +75,7 @@ class ParameterShard:
                     self.opt.state[self.params[name]] = {k: (v.clone() if isinstance(v, Tensor) else v)
                                                          for k, v in st.items()}
             self.step = int(step)
-            self._snapshot = None
+            self._snapshots.clear()
             self._stepped()
 
     def export(self) -> dict[str, Any]:
@@ -161,20 +161,24 @@ class ParameterShard:
     def _stepped(self) -> None:
         """Lock held, after anything that may have moved the step."""
         if (self.snapshot_every and (self.step + self.snapshot_offset) % self.snapshot_every == 0
-                and (self._snapshot is None or self._snapshot[0] != self.step)):
-            self._snapshot = (self.step, {n: p.detach().clone() for n, p in self.params.items()})
+                and self.step not in self._snapshots):
+            self._snapshots[self.step] = {n: p.detach().clone() for n, p in self.params.items()}
         self.cond.notify_all()
 
     def snapshot(self, step: int, wait_s: float = 60.0) -> dict[str, Tensor]:
-        """The parameters as they were after `step`, waiting (at most `wait_s`) for the shard to get there."""
+        """The parameters as they were after `step`, waiting (at most `wait_s`) for the shard to get there.
+        Copies of earlier steps are let go: the coordinator evaluates epoch ends in order. Copies of later
+        ones stay, as the coordinator may be more than an epoch behind (its evaluation outlasting an
+        epoch of the others' steps), and each epoch's end is still to be evaluated."""
         with self.cond:
             self.cond.wait_for(lambda: self.step >= step, timeout=wait_s)
-            snap = self._snapshot
-            if snap is None or snap[0] != step:
-                kept = "none" if snap is None else f"step {snap[0]}"
+            for old in [k for k in self._snapshots if k < step]:
+                del self._snapshots[old]
+            if step not in self._snapshots:
+                kept = ", ".join(f"step {k}" for k in sorted(self._snapshots)) or "none"
                 raise SnapshotMissing(f"PS shard {self.shard} has no snapshot at step {step} (it is at step "
                                       f"{self.step}, snapshots every {self.snapshot_every or '-'} steps, kept: {kept})")
-            return dict(snap[1])
+            return dict(self._snapshots[step])
 
     def _apply(self, contributions, divisor: int) -> None:
         """One optimizer step on sum(weight * gradient) / divisor over (weight, staleness, (dense,

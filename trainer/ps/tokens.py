@@ -13,7 +13,8 @@ training exactly), larger values bounded-staleness asynchrony; -1 (default) neve
 
 The answers also carry the commands of the coordinator: the current straggler setting, "switch to
 all-reduce" (every worker finishes its step and meets the others at a barrier), "stop" and "done"
-(the data is used up).
+(the data is used up). A command takes effect at a global batch's boundary: the slices left of the
+batch begun are handed out first, so the phase ends on whole updates.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class TokenBook:
         self.batch_offset = 0  # global batch number - global step when the phase started
         self.max_staleness = -1
         self.command: str | None = None  # "ar" (switch) | "stop"
+        self.command_at = 0  # the token id from which the command holds (a planned switch's batch x N)
         self.straggler: tuple[float, float, float] = (-1.0, 0.0, 1.0)
         self.workers: dict[int, WorkerView] = {}
         self.done: set[int] = set()
@@ -66,7 +68,7 @@ class TokenBook:
             self.end_id = end_batch * n
             self.batch_offset = first_batch - step
             self.max_staleness = max_staleness
-            self.command = None
+            self.command, self.command_at = None, 0
             self.straggler = tuple(straggler)  # type: ignore[assignment]
             self.done.clear()
             for w in self.workers.values():  # step times are the phase's own
@@ -78,10 +80,16 @@ class TokenBook:
         with self.cond:
             return -(-self.next_id // self.n)
 
-    def set_command(self, command: str | None) -> None:
+    def set_command(self, command: str | None, at_batch: int = 0) -> None:
+        """`at_batch` > 0 holds the command until that global batch would be handed out: a planned
+        switch (--switch-at) then ends the phase at the same step in every run, not at whichever batch
+        the coordinator's hook happens to see the step."""
         with self.cond:
-            self.command = command
+            self.command, self.command_at = command, int(at_batch) * self.n
             self.cond.notify_all()
+
+    def _commanded(self) -> bool:
+        return self.command is not None and self.next_id >= self.command_at
 
     def set_straggler(self, straggler: tuple[float, float, float]) -> None:
         with self.cond:
@@ -98,7 +106,7 @@ class TokenBook:
                 w.loss_sum, w.loss_n = w.loss_sum + loss, w.loss_n + 1
 
             def ready() -> bool:
-                if self.command or not self.active or self.next_id >= self.end_id or self.max_staleness < 0:
+                if self._commanded() or not self.active or self.next_id >= self.end_id or self.max_staleness < 0:
                     return True
                 return self.next_id // self.n - self.batch_offset - self.shard.step <= self.max_staleness
 
@@ -106,7 +114,10 @@ class TokenBook:
             while not ready():
                 if not self.cond.wait(timeout=max(deadline - time.monotonic(), 0.0)):
                     return {"kind": "wait"}  # ask again (keeps RPC calls short)
-            if self.command:
+            # A command waits for the global batch begun to be handed out whole: stopping between its
+            # slices left it to be applied as a partial sum and its other slices untrained (the next
+            # phase starts at the batch after), breaking "every update takes N gradients".
+            if self._commanded() and (self.next_id % self.n == 0 or self.next_id >= self.end_id):
                 return {"kind": self.command, "batch": -(-self.next_id // self.n)}
             if not self.active or self.next_id >= self.end_id:
                 return {"kind": "done", "batch": -(-self.next_id // self.n)}
