@@ -285,7 +285,8 @@ def _leave(graceful: bool) -> None:
 
 def _refusal_types() -> dict[str, type[Exception]]:
     from image_service.server import RequestTooLarge
-    from image_service.service import SnapshotMissing, UnknownImageIds
+    from image_service.service import UnknownImageIds
+    from vitrine.snapshots import SnapshotMissing
 
     return {"UnknownImageIds": UnknownImageIds, "SnapshotMissing": SnapshotMissing, "RequestTooLarge": RequestTooLarge,
             "ValueError": ValueError, "TypeError": TypeError, "UserError": UserError}

@@ -48,16 +48,13 @@ from image_service.descriptor import DescriptorConfig, TrunkFeatures, build_head
 from image_service.policy import Immediate, Push, Update, UpdatePolicy
 from image_service.store import ImageStore
 from vitrine.errors import UserError
+from vitrine.snapshots import EpochSnapshots
 
 EMBED_BLOCK = 128  # rows per head call when embedding (see `ImageService._head_in_blocks`)
 
 
 class UnknownImageIds(UserError, IndexError):
     """Image ids outside the store (0..n-1); the message lists them."""
-
-
-class SnapshotMissing(UserError, LookupError):
-    """`embed_at` asked for a step the service kept no snapshot of."""
 
 
 @dataclass
@@ -122,8 +119,7 @@ class ImageService:
         self.counters: dict[str, float] = _new_counters()
         self._lock = threading.RLock()
         self._stepped = threading.Condition(self._lock)  # notified whenever the policy's step may have moved
-        self.snapshot_every, self.snapshot_offset = 0, 0
-        self._snapshots: dict[int, nn.Module] = {}  # global step -> a frozen copy of the head
+        self.snapshots: EpochSnapshots[nn.Module] = EpochSnapshots("the image service has no snapshot of its head")
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -192,19 +188,14 @@ class ImageService:
 
     def keep_snapshots(self, every: int, offset: int = 0) -> None:
         """From now on, copy the head each time the policy's global step plus `offset` is a multiple of
-        `every` (0: stop). A copy is kept until a later step's is asked for (`embed_at`); the trainer
-        asks for epoch ends, `every` steps apart, in order (`offset`: batches handed out but never
-        applied before a resume)."""
+        `every` (0: stop), for `embed_at` (`vitrine.snapshots`)."""
         with self._lock:
-            self.snapshot_every, self.snapshot_offset = max(0, int(every)), int(offset)
-            self._snapshots.clear()
+            self.snapshots.configure(every, offset)
             self._after_step()
 
     def _after_step(self) -> None:
         """Lock held, after anything that may advance the policy's step."""
-        step = self.policy.step
-        if self.snapshot_every and (step + self.snapshot_offset) % self.snapshot_every == 0 and step not in self._snapshots:
-            self._snapshots[step] = copy.deepcopy(self.head).requires_grad_(False)
+        self.snapshots.stepped(self.policy.step, lambda: copy.deepcopy(self.head).requires_grad_(False))
         self._stepped.notify_all()
 
     def embed_at(self, image_ids: Any, step: int, wait_s: float = 60.0) -> EmbedResult:
@@ -214,15 +205,7 @@ class ImageService:
         unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         with self._stepped:
             self._stepped.wait_for(lambda: self.policy.step >= step, timeout=wait_s)
-            for old in [k for k in self._snapshots if k < step]:
-                del self._snapshots[old]
-            head = self._snapshots.get(step)
-            if head is None:
-                kept = ", ".join(f"step {k}" for k in sorted(self._snapshots)) or "none"
-                raise SnapshotMissing(
-                    f"the image service has no snapshot of its head at step {step} (it is at step "
-                    f"{self.policy.step}, snapshots every {self.snapshot_every or '-'} steps, kept: {kept}); "
-                    f"evaluate the live head instead")
+            head = self.snapshots.take(step, self.policy.step)
         with torch.no_grad():
             emb = self._head_in_blocks(self._features[unique], head)
         return EmbedResult(emb, inverse, unique, -1)
@@ -294,8 +277,7 @@ class ImageService:
         """Switch the update policy (the trainer switching modes). Pushes the old policy still holds are
         applied first (a partial GBA batch as its sum / N), so nothing pushed is lost."""
         with self._lock:
-            for update in self.policy.flush():
-                self._apply(update)
+            self.flush()
             self.policy = policy
             self._after_step()
             return self.version

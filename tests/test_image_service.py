@@ -126,7 +126,7 @@ def test_embed_at_reads_the_head_of_a_past_step_and_names_a_missing_one(dataset)
     """The evaluation path of an asynchronous job: the head goes on training after the epoch's last step,
     and `embed_at` must answer with that step's head, not the live one."""
     from image_service.policy import make_policy
-    from image_service.service import SnapshotMissing
+    from vitrine.snapshots import SnapshotMissing
 
     svc = service(dataset)
     svc.set_policy(make_policy("immediate", workers=2, step=4))  # 2 pushes per global step, from step 4

@@ -103,7 +103,8 @@ def test_shard_gba_takes_exactly_n_refuses_reused_tokens_and_decays_stale_pushes
 
 
 def test_shard_snapshots_keep_the_parameters_of_the_epochs_last_step():
-    from trainer.ps.shard import ParameterShard, SnapshotMissing
+    from trainer.ps.shard import ParameterShard
+    from vitrine.snapshots import SnapshotMissing
 
     shard = ParameterShard(0, 1, optimizer="sgd", lr=1.0)
     shard.load({"w": torch.zeros(2), "t": torch.zeros(3, 2)}, {}, tables=["t"], step=0)

@@ -43,8 +43,7 @@ def image_inputs(batch: dict[str, Tensor], service, use_ad: bool, use_hist: bool
         L = hist.shape[1]
         mask = torch.arange(L).unsqueeze(0) < batch["hist_len"].unsqueeze(1)
         parts.append(hist[mask])
-    ids = torch.cat(parts)
-    res = service.embed(ids, train=train) if head_at is None else service.embed(ids, train=False, at_step=head_at)
+    res = service.embed(torch.cat(parts), train=train, at_step=head_at)
     leaf = res.embeddings.detach().requires_grad_(train)
     full = leaf[res.inverse]
     ad = hist_emb = None

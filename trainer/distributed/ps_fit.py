@@ -198,7 +198,7 @@ class _Coordinator:
     def _evaluate_epoch_end(self) -> None:
         """The model and image head of the epoch's last step (snapshots), logged at that step; the live
         state when a snapshot is missing (e.g. the service drops pushes the shards keep, so its step lags)."""
-        from image_service.service import SnapshotMissing
+        from vitrine.snapshots import SnapshotMissing
         from trainer.train import end_of_epoch
 
         t = self.t

@@ -107,7 +107,7 @@ class PSPhase:
         it (the caller evaluates the live state instead). The other workers train on meanwhile; taking
         the live state instead evaluated the model several steps into the next epoch, with a head that
         moved on during the evaluation (docs/DISTRIBUTED.md)."""
-        from trainer.ps.shard import SnapshotMissing
+        from vitrine.snapshots import SnapshotMissing
 
         step = epoch * len(self.t.train_loader) - self.batch_minus_step
         try:

@@ -113,7 +113,7 @@ class PSClient:
     def snapshot(self, step: int, wait_s: float = 60.0) -> dict[str, Tensor]:
         """Every parameter as it was after global step `step` (`keep_snapshots`); raises
         `trainer.ps.shard.SnapshotMissing` when a shard kept none of that step."""
-        from trainer.ps.shard import SnapshotMissing
+        from vitrine.snapshots import SnapshotMissing
 
         parts = [f.wait() for f in [rpc.rpc_async(n, server.rpc_snapshot, args=(step, wait_s)) for n in self.names]]
         missing = [p["missing"] for p in parts if "missing" in p]

@@ -72,7 +72,7 @@ def rpc_keep_snapshots(every: int, offset: int) -> None:
 
 def rpc_snapshot(step: int, wait_s: float) -> dict[str, Any]:
     """The shard's parameters after `step`, or {"missing": why} (a refusal, not an RPC error)."""
-    from trainer.ps.shard import SnapshotMissing
+    from vitrine.snapshots import SnapshotMissing
 
     try:
         return {"params": _shard().snapshot(step, wait_s)}

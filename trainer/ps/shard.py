@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from vitrine.gba import Aggregator, GBAConfig, Stats
+from vitrine.snapshots import EpochSnapshots
 
 MODES = ("idle", "async", "gba")
 Gradient = tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]  # (dense by name, sparse: (ids, rows) by name)
@@ -37,8 +38,6 @@ class TokenReused(ValueError):
     pass
 
 
-class SnapshotMissing(LookupError):
-    pass
 
 
 class ParameterShard:
@@ -59,8 +58,7 @@ class ParameterShard:
         self._seen: set[int] = set()
         self.bytes_in = 0
         self.bytes_out = 0
-        self.snapshot_every, self.snapshot_offset = 0, 0
-        self._snapshots: dict[int, dict[str, Tensor]] = {}  # step -> parameters, until asked for a later step
+        self.snapshots: EpochSnapshots[dict[str, Tensor]] = EpochSnapshots(f"PS shard {shard} has no snapshot")
 
     # -- state --------------------------------------------------------------------------------------
     def load(self, params: dict[str, Tensor], state: dict[str, dict[str, Any]], tables: list[str], step: int) -> None:
@@ -75,7 +73,7 @@ class ParameterShard:
                     self.opt.state[self.params[name]] = {k: (v.clone() if isinstance(v, Tensor) else v)
                                                          for k, v in st.items()}
             self.step = int(step)
-            self._snapshots.clear()
+            self.snapshots.clear()
             self._stepped()
 
     def export(self) -> dict[str, Any]:
@@ -155,30 +153,20 @@ class ParameterShard:
     def keep_snapshots(self, every: int, offset: int = 0) -> None:
         """Copy the parameters whenever `step + offset` is a multiple of `every` (0: never)."""
         with self.cond:
-            self.snapshot_every, self.snapshot_offset = max(0, int(every)), int(offset)
+            self.snapshots.configure(every, offset)
             self._stepped()
 
     def _stepped(self) -> None:
         """Lock held, after anything that may have moved the step."""
-        if (self.snapshot_every and (self.step + self.snapshot_offset) % self.snapshot_every == 0
-                and self.step not in self._snapshots):
-            self._snapshots[self.step] = {n: p.detach().clone() for n, p in self.params.items()}
+        self.snapshots.stepped(self.step, lambda: {n: p.detach().clone() for n, p in self.params.items()})
         self.cond.notify_all()
 
     def snapshot(self, step: int, wait_s: float = 60.0) -> dict[str, Tensor]:
-        """The parameters as they were after `step`, waiting (at most `wait_s`) for the shard to get there.
-        Copies of earlier steps are let go: the coordinator evaluates epoch ends in order. Copies of later
-        ones stay, as the coordinator may be more than an epoch behind (its evaluation outlasting an
-        epoch of the others' steps), and each epoch's end is still to be evaluated."""
+        """The parameters as they were after `step`, waiting (at most `wait_s`) for the shard to get there
+        (`vitrine.snapshots`: which copies are kept, and for how long)."""
         with self.cond:
             self.cond.wait_for(lambda: self.step >= step, timeout=wait_s)
-            for old in [k for k in self._snapshots if k < step]:
-                del self._snapshots[old]
-            if step not in self._snapshots:
-                kept = ", ".join(f"step {k}" for k in sorted(self._snapshots)) or "none"
-                raise SnapshotMissing(f"PS shard {self.shard} has no snapshot at step {step} (it is at step "
-                                      f"{self.step}, snapshots every {self.snapshot_every or '-'} steps, kept: {kept})")
-            return dict(self._snapshots[step])
+            return dict(self.snapshots.take(step, self.step))
 
     def _apply(self, contributions, divisor: int) -> None:
         """One optimizer step on sum(weight * gradient) / divisor over (weight, staleness, (dense,
