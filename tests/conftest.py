@@ -4,8 +4,13 @@ that do not test cluster start-up itself."""
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +132,149 @@ def world_dataset(tmp_path_factory, dask_address):
     run_pipeline(PipelineConfig(raw=str(root / "raw"), out=str(root / "ds"), scheduler=dask_address,
                                 progress=False, max_behaviors=20, track=False))
     return root / "ds"
+
+
+# -- test tiers --------------------------------------------------------------------------------------
+# Every test gets exactly one of three markers, so a tier runs alone (`pytest -m unit`):
+#   unit          fast and in-process
+#   multiprocess  starts processes: subprocesses, a Dask cluster, torch.distributed / torchrun
+#                 workers, servers (and every test marked `slow`)
+#   browser       the dashboard in headless Chromium (Playwright)
+# A tier marker written on a test (or its class or module) wins; otherwise the tier is derived here,
+# so a new test needs no marker: browser for the modules below; multiprocess when the test is marked
+# slow, uses a fixture that starts processes (directly or through another fixture), or its own code,
+# a helper function of its module it calls, or one of the tests/ fixtures it uses, calls one of the
+# process-starting APIs in _SPAWNS; unit otherwise. A test that starts processes only inside the code
+# under test is invisible to that reading: list it in _TIER_OF, and check with
+# `VITRINE_CHECK_TIERS=1 pytest -m unit`, which names every unit test that started a process.
+TIERS = ("unit", "multiprocess", "browser")
+_BROWSER_MODULES = {"test_dashboard_e2e.py"}
+_PROCESS_FIXTURES = {"dask_address"}
+_SPAWNS = re.compile(r"\bsubprocess\.(?:run|Popen|call|check_call|check_output)\b|\bjobs\.launch\(|\bLocalCluster\("
+                     r"|\bmultiprocessing\b|\bmp\.spawn\(|\bSpawnedService\(|\bserver\.start\w*\(|\bstart_shards\(")
+# "module.py::test_name" (any parametrization) -> tier, for the tests that reading misjudges: processes
+# started only by the code under test, or a process-starting call that is refused before it starts one
+_TIER_OF = {
+    "test_dashboard_apptest.py::test_a_valid_form_shows_its_command_and_launch_starts_the_job": "multiprocess",
+    "test_jobs.py::test_job_ids_cannot_leave_the_registry": "unit",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _spawning_functions(path: str) -> frozenset[str]:
+    """The module-level functions of a file that start processes, directly or through one another."""
+    try:
+        source = Path(path).read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    refs: dict[str, set[str]] = {}
+    spawning: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            refs[node.name] = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            if _SPAWNS.search(ast.get_source_segment(source, node) or ""):
+                spawning.add(node.name)
+    grew = True
+    while grew:
+        grew = False
+        for name, used in refs.items():
+            if name not in spawning and used & spawning:
+                spawning.add(name)
+                grew = True
+    return frozenset(spawning)
+
+
+def _spawns(fn) -> bool:
+    fn = inspect.unwrap(fn)
+    try:
+        path = inspect.getsourcefile(fn)
+    except TypeError:
+        return False
+    if path is None:
+        return False
+    spawning = _spawning_functions(path)
+    if fn.__name__ in spawning:
+        return True
+    if fn.__qualname__ == fn.__name__:  # a module-level function that does not spawn
+        return False
+    try:  # a method or a nested function: read it, and the module's helpers it calls
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return False
+    return bool(_SPAWNS.search(source)) or any(re.search(rf"\b{re.escape(n)}\(", source) for n in spawning)
+
+
+def _derived_tier(item: pytest.Item) -> str:
+    module = item.path.name
+    if module in _BROWSER_MODULES:
+        return "browser"
+    if item.get_closest_marker("slow") is not None:
+        return "multiprocess"
+    listed = _TIER_OF.get(f"{module}::{getattr(item, 'originalname', item.name)}")
+    if listed:
+        return listed
+    names = set(getattr(item, "fixturenames", ()))
+    if names & _PROCESS_FIXTURES:
+        return "multiprocess"
+    fn = getattr(item, "function", None)
+    if fn is not None and _spawns(fn):
+        return "multiprocess"
+    info = getattr(item, "_fixtureinfo", None)
+    tests_dir = Path(__file__).resolve().parent
+    for name in names:
+        for fixturedef in (info.name2fixturedefs.get(name, ()) if info else ()):
+            func = fixturedef.func
+            try:
+                path = Path(inspect.getsourcefile(inspect.unwrap(func)) or "").resolve()
+            except TypeError:
+                continue
+            if path.is_relative_to(tests_dir) and _spawns(func):
+                return "multiprocess"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        explicit = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if len(explicit) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked with several tiers: {sorted(explicit)}")
+        if not explicit:
+            item.add_marker(_derived_tier(item))
+
+
+# VITRINE_CHECK_TIERS=1: report the unit tests that started a process (they belong in multiprocess).
+if os.environ.get("VITRINE_CHECK_TIERS"):
+    import _posixsubprocess
+    import platform
+    import subprocess
+
+    platform.processor()  # cached from here on: its `uname -p` is no test's process
+
+    _started: list[int] = [0]
+    _offenders: list[str] = []
+
+    def _counting(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            _started[0] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    _posixsubprocess.fork_exec = _counting(_posixsubprocess.fork_exec)
+    if getattr(subprocess, "_fork_exec", None) is not None:  # subprocess keeps its own reference
+        subprocess._fork_exec = _counting(subprocess._fork_exec)
+    for _name in ("fork", "posix_spawn", "posix_spawnp"):
+        if hasattr(os, _name):
+            setattr(os, _name, _counting(getattr(os, _name)))
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        before = _started[0]
+        yield
+        if _started[0] > before and item.get_closest_marker("unit") is not None:
+            _offenders.append(f"{item.nodeid} ({_started[0] - before} process(es))")
+
+    def pytest_terminal_summary(terminalreporter):
+        terminalreporter.section("unit tests that started processes")
+        terminalreporter.write_line("\n".join(_offenders) or "none")

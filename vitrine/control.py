@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitrine import paths
 from vitrine.errors import UserError
 
 FILE = "control.jsonl"
@@ -79,9 +80,7 @@ def _job_dir(job_id_or_dir: str | os.PathLike[str]) -> Path:
     p = Path(job_id_or_dir)
     if p.is_dir():
         return p
-    from vitrine import jobs
-
-    return jobs.job_dir(str(job_id_or_dir))
+    return paths.job_dir(str(job_id_or_dir))
 
 
 def send(job_id_or_dir: str | os.PathLike[str], command: dict[str, Any]) -> dict[str, Any]:

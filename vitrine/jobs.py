@@ -29,7 +29,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -46,12 +45,13 @@ from typing import Any, Iterator
 
 from vitrine import control, paths
 from vitrine.errors import UserError
+from vitrine.paths import JOB_ID_RE, job_dir, jobs_root
 
 KINDS = ("generate", "pipeline", "train", "serve")
 ENV = "VITRINE_JOB_ID"
 STOP_TIMEOUT_S = 30.0
 PROGRESS_MIN_INTERVAL_S = 0.5
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ID_RE = JOB_ID_RE
 _ROOT = Path(__file__).resolve().parents[1]
 
 # Launched wrappers are children of this process: keep their Popen objects so they are reaped
@@ -59,17 +59,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 _children: list[subprocess.Popen] = []
 
 
-# -- where -------------------------------------------------------------------------------------------
-def jobs_root() -> Path:
-    return paths.data_root() / "jobs"
-
-
-def job_dir(job_id: str) -> Path:
-    if not _ID_RE.match(job_id or ""):
-        raise UserError(f"bad job id {job_id!r}: letters, digits, '.', '_' and '-' only")
-    return jobs_root() / job_id
-
-
+# -- where: jobs_root() and job_dir(job_id) live in vitrine.paths (vitrine.control needs them too) ----
 def _new_id(kind: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{secrets.token_hex(3)}"
 

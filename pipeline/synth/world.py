@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.synth import draw
-from trainer import metrics
+from vitrine import metrics
 from vitrine.atomic import atomic_dir
 from vitrine.errors import UserError
 from vitrine.jobs import report_progress
