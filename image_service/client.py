@@ -7,8 +7,9 @@ gradient row per unique id. So the wire carries, per unique image and step, 4 + 
 that traffic in a `TrafficMeter`, beside what a plain parameter server would have moved for the same
 batches: the unique images' raw pixels, or their trunk features (float32), pulled by the worker.
 
-`spawn_service` starts `vitrine images serve` as a child process on a free port and waits until it
-answers; `connect(address)` joins a running service's RPC group.
+`SpawnedService` starts `vitrine images serve` as a child process on a port it binds (127.0.0.1 unless
+told otherwise) and waits until it answers; `RemoteClient(address)` joins a running service's RPC group
+(`vitrine.rpc_group`). An address where nothing answers fails at once with `ImageServiceUnavailable`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,10 @@ from torch import Tensor, nn
 
 from image_service.descriptor import DescriptorConfig, build_head
 from image_service.service import EmbedResult, ImageService
+from vitrine import rpc_group
 from vitrine.errors import UserError
 from vitrine.procs import Spawned
+from vitrine.rpc_group import parse_address  # noqa: F401 - also imported from here (trainer.config)
 
 ID_WIRE_DTYPE = torch.int32
 
@@ -229,58 +231,15 @@ class LocalClient(_Client):
 
 
 # -- remote -------------------------------------------------------------------------------------------
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"image service address {address!r} is not HOST:PORT (e.g. 127.0.0.1:29400)")
-    return host, int(port)
-
-
-_AGENT: dict[str, Any] = {}  # this process's RPC agent: one per process
-
-
-def _join(host: str, port: int, prefix: str, timeout_s: float) -> str:
-    import torch.distributed as dist
-    import torch.distributed.rpc as rpc
-
-    from image_service.server import RANK_KEY
-
-    if _AGENT:
-        if _AGENT["address"] != (host, port):
-            raise UserError(f"this process already talks to the image service at {_AGENT['address']}")
-        _AGENT["users"] += 1
-        return _AGENT["name"]
+def _join_service_group(address: str, prefix: str, timeout_s: float) -> tuple[str, int]:
+    """Join the service's RPC group (`vitrine.rpc_group`); nothing answering is one clear line."""
+    host, port = parse_address(address)
     try:
-        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
-        rank = int(store.add(RANK_KEY, 1))
-    except Exception as exc:
+        return rpc_group.join((host, port), prefix, timeout_s)
+    except rpc_group.GroupUnreachable as exc:
         raise ImageServiceUnavailable(
-            f"no image service answers at {host}:{port} ({str(exc).splitlines()[0]}); start one with "
+            f"no image service answers at {address} ({exc.reason}); start one with "
             f"`vitrine images serve --dataset DIR --port {port}` or train with --image-service spawn") from None
-    name = f"{prefix}{rank}"
-    rpc.init_rpc(name, rank=rank, world_size=None, rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
-        init_method=f"tcp://{host}:{port}", rpc_timeout=timeout_s, _transports=["uv"]))
-    _AGENT.update(address=(host, port), name=name, rank=rank, users=1)
-    return name
-
-
-def _leave(graceful: bool) -> None:
-    import torch.distributed.rpc as rpc
-
-    if not _AGENT:
-        return
-    _AGENT["users"] -= 1
-    if _AGENT["users"] > 0:
-        return
-    _AGENT.clear()
-    try:
-        rpc.shutdown(graceful=graceful)
-    except Exception:
-        if graceful:  # the service went away first: leave without the group's handshake
-            try:
-                rpc.shutdown(graceful=False)
-            except Exception:
-                pass
 
 
 def _refusal_types() -> dict[str, type[Exception]]:
@@ -305,9 +264,8 @@ class RemoteClient(_Client):
         reproducible; the default, the RPC rank, depends on which process joined the group first."""
         super().__init__()
         self.address = address
-        host, port = parse_address(address)
-        self.name = _join(host, port, name_prefix, timeout_s)
-        self.rank = _AGENT["rank"] if worker is None else int(worker)
+        self.name, rpc_rank = _join_service_group(address, name_prefix, timeout_s)
+        self.rank = rpc_rank if worker is None else int(worker)
         self._open = True
         info = self.info()
         self.n_images, self.out_dim = int(info["n_images"]), int(info["out_dim"])
@@ -416,7 +374,7 @@ class RemoteClient(_Client):
     def close(self) -> None:
         if self._open is None:
             return
-        _leave(graceful=bool(self._open))
+        rpc_group.leave(graceful=bool(self._open))
         self._open = None
 
 

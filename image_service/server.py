@@ -27,7 +27,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -43,12 +42,13 @@ from image_service.descriptor import DescriptorConfig
 from image_service.merge import EmbedMerger
 from image_service.policy import make_policy
 from image_service.service import ImageService
+from vitrine import rpc_group
 from vitrine.config import help_meta as _h
 from vitrine.errors import UserError
 from vitrine.procs import write_ready
+from vitrine.rpc_group import RANK_KEY, free_port  # noqa: F401 - their old home
 
 SERVICE_NAME = "images"
-RANK_KEY = "vitrine/next_rank"
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -59,7 +59,8 @@ class RequestTooLarge(UserError, ValueError):
 @dataclass
 class ServeConfig:
     dataset: str = field(default="data/processed/demo", metadata=_h("processed dataset whose image store to serve"))
-    host: str = field(default="127.0.0.1", metadata=_h("address to listen on (the RPC rendezvous store)"))
+    host: str = field(default="127.0.0.1", metadata=_h(
+        "address to listen on (the RPC rendezvous store and the RPC agent); nothing listens elsewhere"))
     port: int = field(default=29400, metadata=_h("port of the rendezvous store; 0 = pick a free one"))
     state_dir: str | None = field(default=None, metadata=_h(
         "where the service keeps its checkpoint (default data/image_service/<dataset name>)"))
@@ -273,30 +274,6 @@ def rpc_trunk_features(ids: Tensor) -> Tensor:
 
 
 # -- the process ------------------------------------------------------------------------------------
-def free_port(host: str) -> int:
-    """A port free at this moment (the RPC rendezvous needs a number up front; a lost race is retried)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def host_rpc_group(name: str, host: str, port: int, what: str, **options) -> int:
-    """Join an RPC group as its rank 0, hosting its rendezvous on HOST:PORT; returns the port. Port 0
-    picks a free one: the rendezvous needs its number before it binds, so another process can take it
-    in between, and that lost race is retried with a new number (CI lost it once)."""
-    attempts = 5 if port == 0 else 1
-    for attempt in range(attempts):
-        chosen = port or free_port(host)
-        try:
-            rpc.init_rpc(name, rank=0, world_size=None, rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
-                init_method=f"tcp://{host}:{chosen}", _transports=["uv"], **options))
-            return chosen
-        except Exception as exc:  # the port was taken between the probe and the bind
-            if attempt == attempts - 1 or "EADDRINUSE" not in str(exc):
-                raise UserError(f"{what} could not listen on {host}:{chosen}: {exc}") from None
-    raise AssertionError("unreachable")
-
-
 def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
     """Run the service until SIGTERM/SIGINT (or its parent is gone, with `exit_with_parent`)."""
     global _SERVER
@@ -312,7 +289,9 @@ def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
     _SERVER = srv
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: srv.stop.set())
-    port = host_rpc_group(SERVICE_NAME, cfg.host, cfg.port, "image service", rpc_timeout=cfg.rpc_timeout_s)
+    # The group's store, its RPC agent and the ones of whoever joins from here listen on cfg.host only.
+    port = rpc_group.host_group(SERVICE_NAME, cfg.host, cfg.port, "image service",
+                                rpc_timeout=cfg.rpc_timeout_s).port
     address = f"{cfg.host}:{port}"
     svc = srv.service
     log(f"image service on {address}: {svc.n_images} images, descriptor {dcfg.trunk} -> {dcfg.out_dim}-d "
@@ -335,6 +314,6 @@ def serve(cfg: ServeConfig, dcfg: DescriptorConfig, log=print) -> int:
             f"calls, {int(c['ids_requested'])} images requested, {int(c['unique_ids_computed'])} computed, "
             f"{int(c['bytes_in'] + c['bytes_out'])} payload bytes; policy {svc.policy.describe()}")
         sys.stdout.flush()
-        rpc.shutdown(graceful=False)
+        rpc_group.leave(graceful=False)
         _SERVER = None
     return 0

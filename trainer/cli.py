@@ -21,7 +21,8 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.train import TrainConfig, train
 
     result = train(from_args(TrainConfig, args))
-    if not os.environ.get("VITRINE_LAUNCHED"):  # a worker of our launcher: the launcher reports
+    # A worker of our launcher: the launcher reports. Under torchrun, rank 0 reports for the job.
+    if not os.environ.get("VITRINE_LAUNCHED") and os.environ.get("RANK", "0") == "0":
         print(summarize(result))
     return 0
 

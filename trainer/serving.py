@@ -57,12 +57,14 @@ class CTRPredictor(nn.Module):
             col += width
         ad = hist = None
         if self.head is not None:
+            # The features travel as float32; a float64 head (exactness runs) reads them in its dtype.
+            feats = self.trunk_features.to(next(self.head.parameters()).dtype)
             if self.model.uses_ad_image:
-                ad = self.head(self.trunk_features[batch["ad_image"]])
+                ad = self.head(feats[batch["ad_image"]])
             if self.model.uses_hist_images:
                 L = batch["hist_image"].shape[1]
                 mask = torch.arange(L).unsqueeze(0) < batch["hist_len"].unsqueeze(1)
                 ids = batch["hist_image"]
-                flat = self.head(self.trunk_features[ids.reshape(-1)])  # PReLU wants (N, C)
+                flat = self.head(feats[ids.reshape(-1)])  # PReLU wants (N, C)
                 hist = flat.reshape(ids.shape[0], L, -1) * mask.unsqueeze(-1)
         return torch.sigmoid(self.model(batch, ad, hist))

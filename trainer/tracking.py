@@ -34,8 +34,10 @@ class RunLogger:
                 items = [Param(k, v[:6000]) for k, v in params.items()]
                 for i in range(0, len(items), 100):
                     self.client.log_batch(run_id, params=items[i:i + 100])
+            self._logged: dict[str, int] = {}
         else:
             self.client.update_run(run_id, status="RUNNING")
+            self._logged = self._last_steps(run_id)
         self.run_id = run_id
         self._q: queue.Queue = queue.Queue()
         self._flush_every = flush_every_s
@@ -44,9 +46,17 @@ class RunLogger:
         self._thread = threading.Thread(target=self._loop, name="mlflow-logger", daemon=True)
         self._thread.start()
 
+    def _last_steps(self, run_id: str) -> dict[str, int]:
+        """A resumed run's last logged step per metric: the steps between its checkpoint and the kill are
+        trained again, and logging them again would give those steps two values each."""
+        keys = self.client.get_run(run_id).data.metrics.keys()
+        return {k: max((m.step for m in self.client.get_metric_history(run_id, k)), default=-1) for k in keys}
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         for k, v in metrics.items():
+            if int(step) <= self._logged.get(k, -1):
+                continue  # logged before the resume
             self._q.put((k, float(v), now, int(step)))
 
     def set_tag(self, key: str, value: str) -> None:

@@ -14,11 +14,14 @@ dashboard's Stop) finishes the step, writes a checkpoint and ends the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, replace
@@ -41,14 +44,15 @@ from trainer.config import MODE_CODES, PS_MODES, TrainConfig
 from trainer.images import image_inputs
 from trainer.distributed import allreduce
 from trainer.distributed.allreduce import DistContext
+from trainer.distributed.launch import PS_KEY_ENV, RPC_GROUP_ENV, RUN_ID_FILE, SERVICE_ENV
 from trainer.model import DICM
+from trainer.switching import Decision, SwitchPolicy
+from trainer.coordinator import end_of_epoch, finite as _finite, log_switches
 from vitrine import jobs, paths
 from vitrine.errors import UserError
 
 
 MODE_NAMES = {v: k for k, v in MODE_CODES.items()}
-PS_KEY_ENV = "VITRINE_PS_KEY"  # set by the launcher: the job's PS shards are ps<s>_<key>
-RPC_GROUP_ENV = "VITRINE_RPC_GROUP"  # HOST:PORT of the job's RPC group
 
 
 def _seed_everything(seed: int) -> None:
@@ -104,12 +108,10 @@ class Trainer:
             self.straggler = Straggler.parse(cfg.straggler, ctx.world)
         # Multi-process jobs: the phase (ar or a PS mode) and what switches it.
         self.phase = {"auto": "ar", "single": "single"}.get(cfg.mode, cfg.mode)
-        self.auto = cfg.mode == "auto"
-        self._auto_count = 0
-        self._switch_pending: str | None = None  # decided here, shared with the next all-reduce
-        self.switch_to: str | None = None  # agreed by all workers: leave the all-reduce loop for it
+        self.policy = SwitchPolicy(cfg.switch_at, cfg.mode == "auto", cfg.auto_ratio, cfg.auto_patience)
+        self._switch_pending: Decision | None = None  # decided here, shared with the next all-reduce
+        self.switch_to: Decision | None = None  # agreed by all workers: leave the all-reduce loop for it
         self.switches: list[tuple[int, str, str, str]] = []  # (step, from, to, why), for MLflow
-        self.planned = _parse_switch_at(cfg.switch_at)  # [(step, mode)] from --switch-at
         self.eval_seconds = 0.0
         self.ps = None
         if ctx is not None and os.environ.get(PS_KEY_ENV):
@@ -124,13 +126,17 @@ class Trainer:
 
     def _open_ps(self):
         """Join the job's RPC group (the image service's, or shard 0's) and talk to the PS shards."""
-        from image_service.client import _AGENT, _join, parse_address
         from trainer.distributed.ps_phase import PSPhase
+        from vitrine import rpc_group
 
-        host, port = parse_address(os.environ[RPC_GROUP_ENV])
-        _join(host, port, "trainer", 300.0)
+        group = os.environ[RPC_GROUP_ENV]
+        try:
+            name, _ = rpc_group.join(rpc_group.parse_address(group, RPC_GROUP_ENV), "trainer", 300.0)
+        except rpc_group.GroupUnreachable as exc:
+            raise UserError(f"no RPC group answers at {group} ({exc.reason}): the job's parameter-server "
+                            f"shards and image service are not running there; start the job again") from None
         self._ps_joined = True
-        return PSPhase(self, os.environ[PS_KEY_ENV], _AGENT["name"])
+        return PSPhase(self, os.environ[PS_KEY_ENV], name)
 
     def set_step(self, step: int) -> None:
         """Move the global step (a PS phase ran the updates): the learning-rate schedule follows."""
@@ -147,14 +153,20 @@ class Trainer:
 
     def _open_image_service(self, run_dir: Path | None):
         cfg = self.cfg
-        if cfg.image_service == "local":
+        launched = os.environ.get(SERVICE_ENV) if self.ctx is not None else None
+        if cfg.image_service in ("local", "spawn") and self.ctx is not None and not launched:
+            raise UserError("the workers of a multi-process job share one image service: start it with `vitrine "
+                            "images serve` and pass --image-service HOST:PORT (our launcher starts one itself)")
+        if cfg.image_service == "local" and not launched:
             return LocalClient(ImageService(self.ds.dir, cfg.descriptor_config()))
-        if cfg.image_service == "spawn":
+        if cfg.image_service == "spawn" and not launched:
             if run_dir is None:
                 raise UserError("--image-service spawn needs the run directory (its checkpoints go there)")
             self.spawned = SpawnedService(self.ds.dir, cfg.descriptor_config(), Path(run_dir) / "image_service",
                                           start_timeout_s=600)
             address = self.spawned.address
+        elif launched:  # a worker of our launcher: the service it started for the job
+            address = launched
         else:
             address = cfg.image_service
         try:
@@ -171,10 +183,10 @@ class Trainer:
         if isinstance(self.service, RemoteClient):
             self.service.close()  # leave the group first; then the service can go (SIGTERM) without a fuss
         if getattr(self, "_ps_joined", False):
-            from image_service.client import _leave
+            from vitrine import rpc_group
 
             # A graceful leave waits on every member of the group, a lost worker too (for ever).
-            _leave(graceful=not (self.ps is not None and self.ps.lost))
+            rpc_group.leave(graceful=not (self.ps is not None and self.ps.lost))
             self._ps_joined = False
         if self.spawned is not None:
             self.spawned.stop()
@@ -209,18 +221,17 @@ class Trainer:
             switch, self._switch_pending = self._switch_pending, None
             rep = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()), pending,
                                             own_s + pause, new_straggler,
-                                            MODE_CODES[switch] if switch else 0)
+                                            MODE_CODES[switch.to] if switch else 0)
             t_reduced = time.perf_counter()
             self.stop_requested = rep.stop
             self.worker_step_s = rep.step_s
-            if rep.switch:
-                self.switch_to = MODE_NAMES[rep.switch]
-            elif self.is_coordinator and self.planned and self.step + 1 >= self.planned[0][0] and self.ps is not None:
-                step, mode = self.planned.pop(0)
-                if mode in PS_MODES:
-                    self._switch_pending, self._switch_why = mode, f"planned at step {step} (--switch-at)"
-            elif self.auto and self.is_coordinator and self.ps is not None:
-                self._auto_from_ar(rep.step_s)
+            if rep.switch:  # every worker leaves the all-reduce loop after this step
+                self.switch_to = switch or Decision(MODE_NAMES[rep.switch], "coordinator")
+            elif self.is_coordinator and self.ps is not None:
+                d = (self.policy.due(self.step + 1, self.phase)
+                     or self.policy.observe(self.phase, dict(enumerate(rep.step_s)), [], self.ctx.world))
+                if d is not None and d.to in PS_MODES:
+                    self._switch_pending = d
             if rep.straggler is not None:  # every worker switches at the same step
                 from trainer.distributed.stragglers import Straggler
 
@@ -266,21 +277,9 @@ class Trainer:
         if self.ps is None:
             print(f"control: switch to {mode} ignored: this job has no parameter server", flush=True)
             return
-        self.auto = mode == "auto"
-        self._auto_count = 0
-        if mode in PS_MODES:
-            self._switch_pending = mode
-            self._switch_why = "asked"
-
-    def _auto_from_ar(self, step_s: list[float]) -> None:
-        from trainer.ps.tokens import slowest_over_median
-
-        r = slowest_over_median(step_s)
-        self._auto_count = self._auto_count + 1 if r > self.cfg.auto_ratio else 0
-        if self._auto_count >= self.cfg.auto_patience:
-            self._auto_count = 0
-            self._switch_pending = "gba"
-            self._switch_why = f"auto: slowest/median {r:.1f} > {self.cfg.auto_ratio} for {self.cfg.auto_patience} steps"
+        d = self.policy.asked(mode, self.phase)
+        if d is not None and d.to in PS_MODES:
+            self._switch_pending = d
 
     def drop_ad_ids(self, batch: dict[str, torch.Tensor], number: int) -> dict[str, torch.Tensor]:
         """Cold items reach the model with OOV item and image IDs; show it such rows in training. The
@@ -352,7 +351,8 @@ class Trainer:
             "scheduler": self.sched.state_dict(),
             "service": self.service.state_dict() if self.service is not None else None,
             "rng": torch.get_rng_state(), "config": asdict(self.cfg), "run_id": self.run_id,
-            "history": self.history, "phase": self.phase, "auto": self.auto, "switches": self.switches,
+            "history": self.history, "phase": self.phase, "auto": self.policy.auto, "switches": self.switches,
+            "policy": self.policy.state(),
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
@@ -365,7 +365,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         if self.ctx is not None and st.get("phase") in ("ar", *PS_MODES):
             self.phase = st["phase"] if self.ps is not None or st["phase"] == "ar" else "ar"
-            self.auto = bool(st.get("auto", self.auto))
+            self.policy.load({"auto": st.get("auto", self.policy.auto), **st.get("policy", {})})
             self.switches = [tuple(x) for x in st.get("switches", [])]
         self.run_id = st.get("run_id")
         self.history = st.get("history", [])
@@ -391,7 +391,11 @@ def _check_service(client: RemoteClient, ds: Dataset, cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training job; returns the final metrics and where things went."""
+    """Run (or resume) a training job; returns the final metrics and where things went.
+
+    A new job gets a run directory of its own (a random suffix: two jobs started in the same second
+    with the same settings do not share one). A job that fails before its first checkpoint removes the
+    directory it created, so a failed start leaves nothing to `--resume`."""
     if cfg.resume:
         run_dir = Path(cfg.resume).resolve()
         st = checkpoint.load(run_dir)
@@ -406,35 +410,101 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         st = None
         cfg.check()
-        name = f"dicm-{cfg.features}-{cfg.aggregator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = (f"dicm-{cfg.features}-{cfg.aggregator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+                f"-{secrets.token_hex(2)}")
         run_dir = _run_dir(cfg, name)
     ctx = allreduce.from_env() if cfg.mode != "single" else None
-    if cfg.mode != "single" and ctx is None:
-        # The launcher: start the workers (and the image service) and wait for them.
-        if st is None and (run_dir / checkpoint.NAME).exists():
-            raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or another --run-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from trainer.distributed.launch import launch
-
-        return launch(cfg, run_dir)
-    if ctx is not None:
+    if ctx is not None:  # a worker: the launcher (ours or torchrun) made the directory
         if not cfg.run_dir:
             raise UserError("a worker of a multi-process job needs --run-dir (the same for every rank)")
         if ctx.world != cfg.workers:
             raise UserError(f"WORLD_SIZE={ctx.world} but --workers {cfg.workers}; give every rank the same --workers")
-        allreduce.init_group(ctx)
-    elif st is None and (run_dir / checkpoint.NAME).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _worker(cfg, ctx, st, run_dir, name)
+    with _claim(run_dir, st):
+        if cfg.mode != "single":
+            # The launcher: start the workers (and the image service) and wait for them.
+            from trainer.distributed.launch import launch
+
+            return launch(cfg, run_dir)
+        return _worker(cfg, None, st, run_dir, name)
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path, st: dict[str, Any] | None):
+    """Hold the run directory for this job: refuse one that holds another run or that another job
+    holds (a lock that dies with its process), and remove it if this job created it and failed before
+    its first checkpoint."""
+    import fcntl
+    import shutil
+
+    if st is None and (run_dir / checkpoint.NAME).exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or another --run-dir")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if ctx is not None and not ctx.is_coordinator:
-        cfg = replace(cfg, track=False, progress=False)  # only the coordinator logs, evaluates, checkpoints
-    trainer = Trainer(cfg, run_dir, ctx)
+    lock = open(run_dir / ".lock", "w")
     try:
-        return _train(trainer, cfg, st, run_dir, name)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another job is running in {run_dir}; wait for it or pick another --run-dir") from None
+        yield
+    except BaseException:
+        if created and not (run_dir / checkpoint.NAME).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
-        trainer.close()
-        if ctx is not None:
-            allreduce.shutdown()
+        lock.close()
+
+
+def _worker(cfg: TrainConfig, ctx: DistContext | None, st: dict[str, Any] | None, run_dir: Path,
+            name: str) -> dict[str, Any]:
+    """This process's part of the job: the whole job in single mode, one rank otherwise."""
+    helpers = None
+    if ctx is not None:
+        from trainer.watchdog import watch_launcher
+
+        watch_launcher(run_dir, ctx.is_coordinator)
+        allreduce.init_group(ctx)
+        if not os.environ.get(PS_KEY_ENV):
+            helpers = _start_helpers_under_torchrun(cfg, ctx, run_dir)
+        if not ctx.is_coordinator:
+            cfg = replace(cfg, track=False, progress=False)  # only the coordinator logs, evaluates, checkpoints
+    try:
+        trainer = Trainer(cfg, run_dir, ctx)
+        try:
+            return _train(trainer, cfg, st, run_dir, name)
+        finally:
+            trainer.close()
+            if ctx is not None:
+                allreduce.shutdown()
+    finally:
+        if helpers is not None:
+            helpers.stop()
+
+
+def _start_helpers_under_torchrun(cfg: TrainConfig, ctx: DistContext, run_dir: Path):
+    """Under torchrun (no launcher of ours): rank 0 starts the job's PS shards and image service, on
+    MASTER_ADDR (the address every node reaches rank 0's machine by, with torchrun's static rendezvous),
+    and tells every worker where they are. They run as rank 0's children and end with it; the job's
+    other processes are torchrun's to watch. Returns them on rank 0 (which stops them at the end)."""
+    import torch.distributed as dist
+
+    from trainer.distributed.launch import JobHelpers
+
+    helpers, found = None, [None]
+    if ctx.is_coordinator:
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        try:
+            helpers = JobHelpers.start(cfg, run_dir, host=host)
+            found = [helpers.env()]
+        except UserError as exc:
+            found = [{"error": str(exc)}]
+    dist.broadcast_object_list(found, src=0)  # the others wait here while rank 0 starts them
+    if "error" in found[0]:
+        raise UserError(found[0]["error"])
+    os.environ.update(found[0])
+    return helpers
 
 
 def _train(trainer: Trainer, cfg: TrainConfig, st: dict[str, Any] | None, run_dir: Path, name: str) -> dict[str, Any]:
@@ -452,6 +522,10 @@ def _train(trainer: Trainer, cfg: TrainConfig, st: dict[str, Any] | None, run_di
             tags["vitrine.job_id"] = os.environ["VITRINE_JOB_ID"]
         logger = RunLogger(trainer.run_id, cfg, run_name=name, tags=tags)
         trainer.run_id = logger.run_id
+        # The launcher marks the run FAILED if this process is killed: it needs the id before anything else.
+        from vitrine.atomic import write_text_atomic
+
+        write_text_atomic(run_dir / RUN_ID_FILE, logger.run_id)
         logger.log_dict(asdict(cfg), "config.json")
         if isinstance(trainer.service, RemoteClient):
             logger.log_dict({"address": trainer.service.address, **trainer.service.info()}, "image_service.json")
@@ -524,16 +598,6 @@ def _stop_on_sigterm(trainer: Trainer):
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def _parse_switch_at(spec: str | None) -> list[tuple[int, str]]:
-    """`--switch-at 100:gba,200:ar` -> [(100, "gba"), (200, "ar")] (checked by TrainConfig.check)."""
-    out = []
-    for part in (spec or "").split(","):
-        if part.strip():
-            step, mode = part.strip().split(":")
-            out.append((int(step), mode))
-    return sorted(out)
-
-
 def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
     cfg = trainer.cfg
     t_fit = time.perf_counter()
@@ -545,7 +609,7 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
     if cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stdout)
     while True:
         if trainer.phase in PS_MODES:
             from trainer.distributed.ps_fit import fit_ps
@@ -583,24 +647,6 @@ def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
     trainer.save_checkpoint(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
     return final
-
-
-def end_of_epoch(trainer: Trainer, logger, head_at: int | None = None) -> None:
-    """Evaluate on valid (coordinator) after an epoch. `head_at`: see `Trainer.predict`."""
-    if "valid" in trainer.eval_loaders and trainer.is_coordinator:
-        m = trainer.evaluate("valid", head_at)
-        trainer.history.append({"epoch": trainer.epoch, "step": trainer.step, **{f"valid_{k}": v for k, v in m.items()}})
-        if logger is not None:
-            logger.log_metrics({f"valid_{k}": v for k, v in m.items() if _finite(v)}, step=trainer.step)
-
-
-def log_switches(trainer: Trainer, logger) -> None:
-    """One tag per switch, `vitrine.switch.<step>` = "<from>-><to>" (what the dashboard draws), and why."""
-    if logger is None:
-        return
-    for step, old, new, why in trainer.switches:
-        logger.set_tag(f"vitrine.switch.{step}", f"{old}->{new}")
-        logger.set_tag(f"vitrine.switch_reason.{step}", why)
 
 
 def _fit_sync(trainer: Trainer, run_dir: Path, logger, total: int, bar) -> str:
@@ -654,9 +700,9 @@ def _fit_sync(trainer: Trainer, run_dir: Path, logger, total: int, bar) -> str:
                     trainer.epoch += 1
                     trainer.batch_in_epoch = 0
                     end_of_epoch(trainer, logger)
-                trainer.note_switch(trainer.phase, new, getattr(trainer, "_switch_why", "asked"))
+                trainer.note_switch(trainer.phase, new.to, new.why)
                 log_switches(trainer, logger)
-                trainer.phase = new
+                trainer.phase = new.to
                 return "switch"
         if trainer.stop_requested and not done:
             return "stopped"
@@ -667,10 +713,6 @@ def _fit_sync(trainer: Trainer, run_dir: Path, logger, total: int, bar) -> str:
             end_of_epoch(trainer, logger)
             trainer.save_checkpoint(run_dir)
     return "done"
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _log_model(trainer: Trainer, logger) -> None:

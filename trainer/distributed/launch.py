@@ -1,129 +1,253 @@
-"""Starting a multi-process job on this machine: image service, parameter-server shards, workers.
+"""Starting a multi-process job on this machine and watching it: image service, PS shards, workers.
 
 `vitrine train --mode ar|async|gba|auto --workers N` (without RANK in the environment) lands here.
 The launcher starts the job's image service (unless `--image-service HOST:PORT` names one) and its
 `--ps-shards` PS shards (every multi-process job has them, so any job can switch modes), all in one
 RPC group, then N copies of the same `vitrine train` command with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT set (the launcher hosts the rendezvous store there, as torchrun's agent does), plus the
-PS key and the RPC group's address; across machines see docs/DISTRIBUTED.md. Rank 0 is the coordinator (logs to MLflow,
-evaluates, checkpoints); its output is the job's output, the others' goes to RUN_DIR/worker-<rank>.log.
+MASTER_PORT set (the launcher hosts the rendezvous store, as torchrun's agent does), plus the PS key,
+the RPC group's address and the service's address. The run directory records the service as the user
+gave it (`spawn`, `local`), never the port of a process that is gone, so `--resume` starts a new one.
 
-If rank 0 fails, or any worker fails in `ar` mode, the others are stopped. In the PS modes (async,
-gba, auto) a worker other than 0 may die and the job goes on without it (its token is lost, nothing
-waits for it). SIGTERM is passed on to every worker; they stop together after the same step.
+The failure model (docs/DISTRIBUTED.md, "Failure model"): the launcher watches every process of the
+job. In the PS modes a worker other than the coordinator may die and the job goes on without it (its
+token is lost). Any other death (the coordinator, an AR worker, a PS shard, the image service) stops
+the job at once: every other process is killed, the MLflow run is marked FAILED, and one line names
+what died and how to continue. A killed launcher takes the job down too: the shards and the service
+exit with their parent, the workers' watchdog (`trainer.watchdog`) ends them and the coordinator
+marks its run FAILED. SIGTERM (the dashboard's Stop) is passed on to the workers, who stop together
+after the same step and checkpoint.
+
+Rank 0 is the coordinator (logs to MLflow, evaluates, checkpoints); its standard output is the job's
+output and its standard error (tracebacks) goes to RUN_DIR/worker-0.log; the other workers write
+both to RUN_DIR/worker-<rank>.log.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from vitrine.errors import UserError
 
+PS_KEY_ENV = "VITRINE_PS_KEY"  # the job's PS shards are ps<s>_<key>
+RPC_GROUP_ENV = "VITRINE_RPC_GROUP"  # HOST:PORT of the job's RPC group
+SERVICE_ENV = "VITRINE_IMAGE_SERVICE_ADDRESS"  # where this launch's image service listens
+LAUNCHED_ENV = "VITRINE_LAUNCHED"  # a worker of this launcher (it reports the result)
+RUN_ID_FILE = "mlflow_run_id"  # written by the coordinator once its MLflow run exists
+
+
+@dataclass
+class _Member:
+    """One process of the job, as the launcher watches it."""
+
+    what: str  # "worker 2", "the coordinator (worker 0)", "parameter-server shard 0", "the image service"
+    proc: subprocess.Popen
+    log: Path
+    tolerated: bool = False  # may die without stopping the job (a PS-mode worker other than rank 0)
+
+
+@dataclass
+class JobHelpers:
+    """The processes a multi-process job has besides its workers: its PS shards (every such job has
+    them, so any job can switch modes) and, with images and no `--image-service HOST:PORT`, its own
+    image service, all in one RPC group. Started by our launcher on one machine, or by rank 0 under
+    torchrun (`host`: an address every machine of the job reaches)."""
+
+    key: str
+    group: str  # HOST:PORT of the RPC group
+    service: str | None  # HOST:PORT of the image service this launch started, or None
+    shards: list
+    spawned: Any = None
+
+    @classmethod
+    def start(cls, cfg, run_dir: Path, host: str = "127.0.0.1") -> "JobHelpers":
+        from image_service.client import SpawnedService
+
+        spawned, shards = None, []
+        address = cfg.image_service
+        try:
+            if cfg.features != "ids" and cfg.image_service in ("local", "spawn"):
+                # Workers are separate processes: the descriptor can only be shared as a service.
+                policy = {"async": "immediate", "gba": "gba"}.get(cfg.mode, "sync")
+                threshold, decay = cfg.image_gba()
+                spawned = SpawnedService(cfg.dataset, cfg.descriptor_config(), run_dir / "image_service", host=host,
+                                         policy=policy, workers=cfg.workers, gba_threshold=threshold, gba_decay=decay)
+                address = spawned.address
+            key = secrets.token_hex(4)
+            # Without images there is no service to host the RPC group: shard 0 hosts it on a port it binds.
+            shards = start_shards(cfg, run_dir, key, address if cfg.features != "ids" else f"{host}:0",
+                                  host_group=cfg.features == "ids")
+        except BaseException:
+            cls("", "", None, shards, spawned).stop(5.0)
+            raise
+        return cls(key, shards[0].info["group"], None if spawned is None else address, shards, spawned)
+
+    def env(self) -> dict[str, str]:
+        """What a worker needs to find them."""
+        return {PS_KEY_ENV: self.key, RPC_GROUP_ENV: self.group, **({SERVICE_ENV: self.service} if self.service else {})}
+
+    def members(self) -> list[_Member]:
+        out = [_Member(f"parameter-server shard {s}", sh.proc, sh.log_path) for s, sh in enumerate(self.shards)]
+        if self.spawned is not None:
+            out.append(_Member("the image service", self.spawned.proc, self.spawned.log_path))
+        return out
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        for shard in self.shards:
+            shard.stop(timeout_s)
+        if self.spawned is not None:
+            self.spawned.stop(timeout_s)
+
 
 def launch(cfg, run_dir: Path) -> dict[str, Any]:
-    from image_service.client import SpawnedService
+    """Run the job to its end; raises UserError with one line when a process of it dies."""
+    from vitrine import rpc_group
     from vitrine.config import to_argv
 
-    from trainer.train import PS_KEY_ENV, RPC_GROUP_ENV
-
-    spawned = None
-    shards: list = []
-    address = cfg.image_service
-    if cfg.features != "ids" and cfg.image_service in ("local", "spawn"):
-        # Workers are separate processes: the descriptor can only be shared as a service.
-        policy = {"async": "immediate", "gba": "gba"}.get(cfg.mode, "sync")
-        threshold, decay = cfg.image_gba()
-        spawned = SpawnedService(cfg.dataset, cfg.descriptor_config(), run_dir / "image_service",
-                                 policy=policy, workers=cfg.workers, gba_threshold=threshold, gba_decay=decay)
-        address = spawned.address
-    key = secrets.token_hex(4)
-    worker_cfg = replace(cfg, image_service=address, run_dir=str(run_dir))
-    argv = [sys.executable, "-m", "vitrine", "train", *to_argv(worker_cfg)]
-    procs: list[subprocess.Popen] = []
+    threading.Thread(target=_warm_mlflow, daemon=True).start()  # a failure's report should not wait for it
+    argv = [sys.executable, "-m", "vitrine", "train", *to_argv(replace(cfg, run_dir=str(run_dir)))]
+    helpers = JobHelpers.start(cfg, run_dir)
     try:
-        # The launcher hosts the rendezvous store, as torchrun's agent does: bound to port 0 here, the port
-        # is ours from the start. Picking a free number for worker 0 to bind later lost a race in CI
-        # (EADDRINUSE): the image service and the shards open sockets in between.
-        import torch.distributed as dist
-
-        store = dist.TCPStore(  # held until the function returns: the workers' store lives here
-            "127.0.0.1", 0, world_size=cfg.workers, is_master=True, wait_for_workers=False)
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-               "TORCHELASTIC_USE_AGENT_STORE": "True", "WORLD_SIZE": str(cfg.workers), "VITRINE_LAUNCHED": "1"}
-        # Without images there is no service to host the RPC group: shard 0 hosts it on a port it binds.
-        shards = start_shards(cfg, run_dir, key, address if cfg.features != "ids" else "127.0.0.1:0",
-                              host_group=cfg.features == "ids")
-        group = shards[0].info["group"]  # the service's address, or the port shard 0 bound
+        store = rpc_group.listening_store("127.0.0.1", 0, cfg.workers)  # the workers' rendezvous, as torchrun's agent hosts it
     except BaseException:
-        if spawned is not None:
-            spawned.stop()
+        helpers.stop(5.0)
         raise
-    env.update({PS_KEY_ENV: key, RPC_GROUP_ENV: group})
+    env = {**os.environ, **rpc_group.bind_env("127.0.0.1"), **helpers.env(), LAUNCHED_ENV: "1",
+           "WORLD_SIZE": str(cfg.workers), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    members = helpers.members()
+    workers: list[_Member] = []
     logs = []
     previous = signal.getsignal(signal.SIGTERM)
 
     def forward(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
+    failure = None
     try:
         for rank in range(cfg.workers):
             wenv = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            if rank == 0:
-                procs.append(subprocess.Popen(argv, env=wenv))
+            log_path = run_dir / f"worker-{rank}.log"
+            log = open(log_path, "ab")
+            logs.append(log)
+            if rank == 0:  # the job's output; its tracebacks go to its log
+                p = subprocess.Popen(argv, env=wenv, stderr=log, stdin=subprocess.DEVNULL)
             else:
-                log = open(run_dir / f"worker-{rank}.log", "wb")
-                logs.append(log)
-                procs.append(subprocess.Popen(argv, env=wenv, stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL))
-        failed = None
-        tolerated: set[int] = set()
-        while any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                if p.poll() in (None, 0) or failed is not None or rank in tolerated:
-                    continue
-                if rank != 0 and cfg.mode in ("async", "gba", "auto"):
-                    tolerated.add(rank)  # a PS job goes on without it; rank 0 logs what was lost
-                    print(f"worker {rank} exited with code {p.returncode}; the job goes on without it "
-                          f"(its log: {run_dir / f'worker-{rank}.log'})", flush=True)
-                    continue
-                failed = (rank, p.returncode)
-                for q in procs:
-                    if q.poll() is None:
-                        q.terminate()
-            time.sleep(0.1)
-        if failed is None:
-            failed = next(((r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0 and r not in tolerated), None)
-        if failed is not None:
-            rank, code = failed
-            where = "above" if rank == 0 else str(run_dir / f"worker-{rank}.log")
-            raise UserError(f"worker {rank} of {cfg.workers} exited with code {code} (its output: {where}); "
-                            f"the job stopped. Continue from the last checkpoint with `vitrine train --resume {run_dir}`")
+                p = subprocess.Popen(argv, env=wenv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            what = "the coordinator (worker 0)" if rank == 0 else f"worker {rank}"
+            workers.append(_Member(what, p, log_path, tolerated=rank != 0 and cfg.mode in ("async", "gba", "auto")))
+        failure = _watch(workers, members)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        for w in workers:  # a failed job's workers have nothing left to save: the coordinator checkpoints
+            if w.proc.poll() is None:
+                w.proc.kill()
+            w.proc.wait()
         for log in logs:
             log.close()
-        for shard in shards:
-            shard.stop()
-        if spawned is not None:
-            spawned.stop()
-    import json
+        helpers.stop(15.0 if failure is None else 3.0)
+    if failure is not None:
+        member, code = failure
+        fail_run(run_dir)
+        from trainer import checkpoint
 
+        if (run_dir / checkpoint.NAME).exists():
+            where = f"its log: {member.log}"
+        else:  # the run directory goes with the failed start: say what the log said
+            where = f"its log ends: {_last_line(member.log)!r}"
+        raise UserError(f"{member.what} {_how(code)} ({where}); the job stopped. {how_to_continue(run_dir)}")
     return json.loads((run_dir / "result.json").read_text())
+
+
+def _watch(workers: list[_Member], helpers: list[_Member], poll_s: float = 0.1) -> tuple[_Member, int] | None:
+    """Until every worker has exited: the first fatal death (member, exit code), or None. A helper
+    (shard, service) that dies while workers run is fatal; so is a worker that fails, unless it is
+    tolerated. Helpers are checked first: a worker that fails because a shard died is not the cause."""
+    reported: set[int] = set()
+    while any(w.proc.poll() is None for w in workers):
+        for h in helpers:
+            if h.proc.poll() is not None:
+                return h, h.proc.returncode
+        for i, w in enumerate(workers):
+            code = w.proc.poll()
+            if code in (None, 0) or i in reported:
+                continue
+            if w.tolerated:
+                reported.add(i)  # a PS job goes on without it; the coordinator logs what was lost
+                print(f"{w.what} exited with code {code}; the job goes on without it (its log: {w.log})",
+                      flush=True)
+                continue
+            time.sleep(0.5)  # a worker often fails because a helper just died: name the cause
+            for h in helpers:
+                if h.proc.poll() is not None:
+                    return h, h.proc.returncode
+            return w, code
+        time.sleep(poll_s)
+    coordinator = workers[0]
+    if coordinator.proc.returncode != 0:
+        return coordinator, coordinator.proc.returncode
+    return next(((w, w.proc.returncode) for w in workers if w.proc.returncode != 0 and not w.tolerated), None)
+
+
+def _how(code: int) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def how_to_continue(run_dir: Path) -> str:
+    from trainer import checkpoint
+
+    if not (run_dir / checkpoint.NAME).exists():
+        return "It left no checkpoint: start it again."
+    return f"Continue from the last checkpoint with `vitrine train --resume {run_dir}`"
+
+
+def fail_run(run_dir: Path) -> None:
+    """Mark the job's MLflow run FAILED: its coordinator may have been killed before it could."""
+    path = run_dir / RUN_ID_FILE
+    if not path.exists():
+        return
+    try:
+        from vitrine import tracking
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking.setup())
+        run_id = path.read_text().strip()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except Exception as exc:  # noqa: BLE001 - the job's own failure is the message; this is a note
+        print(f"could not mark the MLflow run FAILED: {str(exc).splitlines()[0]}", file=sys.stderr)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def _warm_mlflow() -> None:
+    try:
+        import mlflow.tracking  # noqa: F401 - imported ahead: marking a failed run FAILED must be quick
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def start_shards(cfg, run_dir: Path, key: str, group: str, host_group: bool) -> list:

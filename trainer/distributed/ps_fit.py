@@ -15,8 +15,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from trainer.config import MODE_CODES, PS_MODES
-from trainer.distributed.ps_phase import slowest_ratio
+from trainer.config import MODE_CODES
+from trainer.coordinator import end_of_epoch, log_switches
 from vitrine import jobs
 from vitrine.errors import UserError
 
@@ -25,8 +25,6 @@ SHARD_FIGURES = ("tokens_applied", "tokens_decayed", "tokens_dropped", "stalenes
 
 
 def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
-    from trainer.train import log_switches
-
     ps = trainer.ps
     if ps is None:
         raise UserError(f"mode {trainer.phase} needs the job's parameter server; start the job with "
@@ -83,8 +81,6 @@ def _evaluate_missed(trainer, hook: "_Coordinator", logger, next_batch: int) -> 
     epoch ends the phase passed that its hook did not (it evaluates when its own next token is in a
     new epoch, and it may get none). An end at `next_batch` itself is the live state; earlier ones come
     from the snapshots. Leaves `epoch`/`batch_in_epoch` at `next_batch`."""
-    from trainer.train import end_of_epoch
-
     spe = hook.spe
     epochs, in_epoch = divmod(next_batch, spe)
     seen = {int(h["epoch"]) for h in trainer.history}
@@ -138,17 +134,18 @@ class _Coordinator:
         self.window_t = time.perf_counter()
         self.samples = 0
         self.loss_sum, self.loss_n = 0.0, 0
-        self.below = 0
         self.asked_ar = False
         self.switch_why = "asked"
+        self.moved_at = self.checked_at = time.monotonic()  # the step's last move, the last ping of the workers
+        self.known_lost: list[int] = []
         self.step_s: dict[int, float] = {}
         # A planned switch to all-reduce is the token book's to make, at a batch known now: "S:ar" ends
         # the phase after step S, as "S:gba" from all-reduce begins it after step S.
-        at = next((i for i, (_, mode) in enumerate(trainer.planned) if mode == "ar"), None)
-        if at is not None:
-            step, _ = trainer.planned.pop(at)
+        planned = trainer.policy.take_planned("ar")
+        if planned is not None:
+            step, decision = planned
             self.client.tokens("set_command", "ar", step + 1 + trainer.ps.batch_minus_step)
-            self.switch_why = f"planned at step {step} (--switch-at)"
+            self.switch_why = decision.why
 
     def __call__(self, tok: dict[str, Any] | None) -> None:
         t = self.t
@@ -159,19 +156,11 @@ class _Coordinator:
             self.loss_sum, self.loss_n = self.loss_sum + rep["loss"], self.loss_n + 1
         self.step_s = {int(r): v for r, v in rep["step_s"].items()}
         step = int(rep["step"])
-        while t.planned and step >= t.planned[0][0] and not self.asked_ar:
-            at, mode = t.planned.pop(0)
-            if mode == "ar":
-                self._ask_ar(f"planned at step {at} (--switch-at)")
-            elif mode != t.phase:
-                t.ps.set_mode(mode)
-                t.note_switch(t.phase, mode, f"planned at step {at} (--switch-at)")
-                t.phase = mode
-        r = slowest_ratio(self.step_s, rep["lost"], t.ctx.world) if t.auto and t.phase == "gba" else None
-        if r is not None and not self.asked_ar:
-            self.below = self.below + 1 if r < t.cfg.auto_ratio else 0
-            if self.below >= t.cfg.auto_patience and not rep["lost"]:
-                self._ask_ar(f"auto: slowest/median {r:.1f} < {t.cfg.auto_ratio} for {t.cfg.auto_patience} steps")
+        self._find_lost(step)
+        if not self.asked_ar:
+            d = t.policy.due(step, t.phase) or t.policy.observe(t.phase, self.step_s, rep["lost"], t.ctx.world)
+            if d is not None:
+                self._apply(d)
         if step != self.last_step:
             crossed = lambda every: step // every != self.last_step // every  # noqa: E731
             t.step = step
@@ -195,11 +184,23 @@ class _Coordinator:
             # step's evaluation this time is not a pause of training: it stays in train_seconds.
             t.eval_seconds = before
 
+    def _find_lost(self, step: int, stalled_s: float = 2.0) -> None:
+        """When the global step has not moved for `stalled_s`, ping the workers: one that does not answer
+        is lost, and the token it held goes to another (a worker died holding it)."""
+        now = time.monotonic()
+        if step != self.last_step:
+            self.moved_at = now
+        elif now - self.moved_at > stalled_s and now - self.checked_at > stalled_s:
+            self.checked_at = now
+            new = sorted(set(self.client.check_workers(timeout_s=stalled_s)) - set(self.known_lost))
+            if new:
+                self.known_lost += new
+                print(f"workers {new} stopped answering; the tokens they held go to the others", flush=True)
+
     def _evaluate_epoch_end(self) -> None:
         """The model and image head of the epoch's last step (snapshots), logged at that step; the live
         state when a snapshot is missing (e.g. the service drops pushes the shards keep, so its step lags)."""
         from vitrine.snapshots import SnapshotMissing
-        from trainer.train import end_of_epoch
 
         t = self.t
         at = t.ps.load_epoch_end(t.epoch)
@@ -212,6 +213,17 @@ class _Coordinator:
                 print(f"epoch {t.epoch}: evaluating the live state, not the epoch's end: {exc}", flush=True)
         t.ps.load_from_ps()
         end_of_epoch(t, self.logger)
+
+    def _apply(self, d) -> None:
+        """Carry out a switch decision in a PS phase: to all-reduce through the token book (at the next
+        global-batch boundary); between async and gba in place."""
+        t = self.t
+        if d.to == "ar":
+            self._ask_ar(d.why)
+        elif d.to != t.phase:
+            t.ps.set_mode(d.to)
+            t.note_switch(t.phase, d.to, d.why)
+            t.phase = d.to
 
     def _ask_ar(self, why: str) -> None:
         self.client.tokens("set_command", "ar")
@@ -238,20 +250,15 @@ class _Coordinator:
                     print(f"control: ignored {cmd}: {exc}", flush=True)
                     continue
                 self.client.tokens("set_straggler", t.straggler.as_tuple())
-            elif c == "switch":
-                mode = cmd["mode"]
-                t.auto = mode == "auto"
-                self.below = 0
-                if mode == "ar":
-                    lost = self.client.tokens("report")["lost"]
-                    if lost:
-                        print(f"control: switch to ar refused: workers {lost} are lost", flush=True)
-                    else:
-                        self._ask_ar("asked")
-                elif mode in PS_MODES and mode != t.phase:
-                    t.ps.set_mode(mode)
-                    t.note_switch(t.phase, mode, "asked")
-                    t.phase = mode
+            elif c == "switch" and not self.asked_ar:
+                lost = self.client.tokens("report")["lost"] if cmd["mode"] == "ar" else []
+                try:
+                    d = t.policy.asked(cmd["mode"], t.phase, lost)
+                except ValueError as exc:
+                    print(f"control: {exc}", flush=True)
+                    continue
+                if d is not None:
+                    self._apply(d)
 
     def _log(self, step: int, rep: dict[str, Any]) -> None:
         now = time.perf_counter()
@@ -277,10 +284,12 @@ class _Coordinator:
     def _checkpoint(self, rep: dict[str, Any]) -> None:
         t = self.t
         t.ps.load_from_ps()
-        # The checkpoint resumes after the batches handed out so far (those still in flight are not in
-        # the state it holds: a resumed run does not see them; an asynchronous system's usual trade).
+        # The checkpoint resumes at the global batch after the last one the shards applied (the state's
+        # step, plus the offset of a resumed phase): batches in flight when it was taken are handed out
+        # again, so a resumed job trains as many global batches as an uninterrupted one. (Resuming after
+        # every batch handed out lost the ones in flight: 111 of 112 steps.)
         here = (t.epoch, t.batch_in_epoch)
-        t.epoch, t.batch_in_epoch = divmod(int(rep["next_batch"]), self.spe)
+        t.epoch, t.batch_in_epoch = divmod(t.step + t.ps.batch_minus_step, self.spe)
         t.save_checkpoint(self.run_dir)
         t.epoch, t.batch_in_epoch = here
 

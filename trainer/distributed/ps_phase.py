@@ -33,7 +33,6 @@ from trainer.distributed.allreduce import DistContext
 from trainer.images import image_inputs
 from trainer.ps.client import PSClient
 from trainer.ps.layout import Layout, load_optimizer_state_by_name, optimizer_state_by_name
-from trainer.ps.tokens import slowest_over_median
 
 if TYPE_CHECKING:
     from trainer.train import Trainer
@@ -106,7 +105,7 @@ class PSPhase:
         that step (the image head's snapshot has the same key), or None when a shard kept no snapshot of
         it (the caller evaluates the live state instead). The other workers train on meanwhile; taking
         the live state instead evaluated the model several steps into the next epoch, with a head that
-        moved on during the evaluation (docs/DISTRIBUTED.md)."""
+        moved on during the evaluation (benchmarks/results/distributed_history.md)."""
         from vitrine.snapshots import SnapshotMissing
 
         step = epoch * len(self.t.train_loader) - self.batch_minus_step
@@ -419,16 +418,3 @@ def stats(ps: "PSPhase") -> dict[str, float]:
     if ps.image_cache is not None:
         out["image_cache_hit_rate"] = ps.image_cache.hit_rate()
     return out
-
-
-def ratio(step_s: dict[int, float], exclude: list[int]) -> float:
-    return slowest_over_median([v for r, v in step_s.items() if int(r) not in exclude])
-
-
-def slowest_ratio(step_s: dict[int, float], lost: list[int], world: int) -> float | None:
-    """slowest/median step time of the live workers in a PS phase, or None until every live worker has
-    timed a step of the phase (a straggler's first step is its slowest; without it the rest look healthy)."""
-    live = [r for r in range(world) if r not in lost]
-    if not all(step_s.get(r, 0) > 0 for r in live):
-        return None
-    return ratio(step_s, lost)

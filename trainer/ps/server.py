@@ -24,6 +24,7 @@ from torch import Tensor
 
 from trainer.ps.shard import ParameterShard
 from trainer.ps.tokens import TokenBook
+from vitrine.errors import UserError
 
 _SHARD: ParameterShard | None = None
 _BOOK: TokenBook | None = None
@@ -132,25 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    host, port = a.group.rsplit(":", 1)
+    from vitrine import rpc_group
+
     name = shard_name(a.shard, a.key)
-    if a.host_group:
-        from image_service.server import host_rpc_group
-
-        bound = host_rpc_group(name, host, int(port), f"PS shard {a.shard}", rpc_timeout=a.rpc_timeout_s,
-                               num_worker_threads=32)
-        a.group = f"{host}:{bound}"
-    else:
-        opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{host}:{port}", rpc_timeout=a.rpc_timeout_s,
-                                               _transports=["uv"], num_worker_threads=32)
-        import torch.distributed as dist
-        from datetime import timedelta
-
-        from image_service.server import RANK_KEY
-
-        store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=30))
-        rank = int(store.add(RANK_KEY, 1))
-        rpc.init_rpc(name, rank=rank, world_size=None, rpc_backend_options=opts)
+    try:
+        host, port = rpc_group.parse_address(a.group, "--group", any_port=a.host_group)
+        if a.host_group:  # the store and the agent listen on HOST only
+            bound = rpc_group.host_group(name, host, port, f"PS shard {a.shard}", rpc_timeout=a.rpc_timeout_s,
+                                         num_worker_threads=32).port
+            a.group = rpc_group.format_address(host, bound)
+        else:
+            rpc_group.join((host, port), name=name, timeout_s=a.rpc_timeout_s, num_worker_threads=32)
+    except rpc_group.GroupUnreachable as exc:
+        print(f"PS shard {a.shard}: error: no RPC group answers at {a.group} ({exc.reason}); the job's "
+              f"image service (or PS shard 0, in a job without images) must be running there",
+              file=sys.stderr, flush=True)
+        return 2
+    except UserError as exc:
+        print(f"PS shard {a.shard}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     from vitrine.procs import write_ready
 
     write_ready(a.ready_file, {"name": name, "pid": os.getpid(), "group": a.group})
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     c = _SHARD.counters()
     print(f"PS shard {a.shard} stopping at step {c['step']}: {c}", flush=True)
     sys.stdout.flush()
-    rpc.shutdown(graceful=False)
+    rpc_group.leave(graceful=False)
     return 0
 
 

@@ -149,6 +149,10 @@ class ParameterShard:
                 self._stepped()
             return staleness
 
+    def has_pushed(self, token: int) -> bool:
+        with self.cond:
+            return token in self._seen
+
     # -- evaluation snapshots ------------------------------------------------------------------------
     def keep_snapshots(self, every: int, offset: int = 0) -> None:
         """Copy the parameters whenever `step + offset` is a multiple of `every` (0: never)."""

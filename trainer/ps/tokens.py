@@ -19,7 +19,6 @@ batch begun are handed out first, so the phase ends on whole updates.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +56,7 @@ class TokenBook:
         self.workers: dict[int, WorkerView] = {}
         self.done: set[int] = set()
         self.lost: set[int] = set()
+        self.reissue: list[int] = []  # tokens a lost worker held and never pushed: handed out again first
         self.issued = 0
 
     def start(self, step: int, first_batch: int, end_batch: int, n: int, max_staleness: int,
@@ -71,6 +71,7 @@ class TokenBook:
             self.command, self.command_at = None, 0
             self.straggler = tuple(straggler)  # type: ignore[assignment]
             self.done.clear()
+            self.reissue.clear()
             for w in self.workers.values():  # step times are the phase's own
                 w.holding, w.step_s = None, 0.0
             self.cond.notify_all()
@@ -96,7 +97,7 @@ class TokenBook:
             self.straggler = tuple(straggler)  # type: ignore[assignment]
 
     def request(self, rank: int, name: str, step_s: float, loss: float | None, samples: int,
-                wait_s: float = 30.0) -> dict[str, Any]:
+                wait_s: float = 2.0) -> dict[str, Any]:
         """A worker finished its previous batch (`step_s`, its `loss`, `samples`) and wants the next."""
         with self.cond:
             w = self.workers.setdefault(rank, WorkerView())
@@ -106,6 +107,8 @@ class TokenBook:
                 w.loss_sum, w.loss_n = w.loss_sum + loss, w.loss_n + 1
 
             def ready() -> bool:
+                if self.reissue and self.active:
+                    return True
                 if self._commanded() or not self.active or self.next_id >= self.end_id or self.max_staleness < 0:
                     return True
                 return self.next_id // self.n - self.batch_offset - self.shard.step <= self.max_staleness
@@ -113,7 +116,9 @@ class TokenBook:
             deadline = time.monotonic() + wait_s
             while not ready():
                 if not self.cond.wait(timeout=max(deadline - time.monotonic(), 0.0)):
-                    return {"kind": "wait"}  # ask again (keeps RPC calls short)
+                    return {"kind": "wait"}  # ask again (keeps RPC calls short; the coordinator's duties run)
+            if self.reissue and self.active:  # before any command: the batch it belongs to must be whole
+                return self._issue(self.reissue.pop(0), rank, w)
             # A command waits for the global batch begun to be handed out whole: stopping between its
             # slices left it to be applied as a partial sum and its other slices untrained (the next
             # phase starts at the batch after), breaking "every update takes N gradients".
@@ -121,13 +126,16 @@ class TokenBook:
                 return {"kind": self.command, "batch": -(-self.next_id // self.n)}
             if not self.active or self.next_id >= self.end_id:
                 return {"kind": "done", "batch": -(-self.next_id // self.n)}
-            tok = self.next_id
             self.next_id += 1
-            self.issued += 1
-            w.holding = tok
-            peers_s = peers_median({r: v.step_s for r, v in self.workers.items()}, rank, tuple(self.lost))
-            return {"kind": "token", "id": tok, "step": self.shard.step, "batch": tok // self.n, "slice": tok % self.n,
-                    "straggler": self.straggler, "peers_s": peers_s}
+            return self._issue(self.next_id - 1, rank, w)
+
+    def _issue(self, tok: int, rank: int, w: WorkerView) -> dict[str, Any]:
+        """Lock held: hand token `tok` to worker `rank`."""
+        self.issued += 1
+        w.holding = tok
+        peers_s = peers_median({r: v.step_s for r, v in self.workers.items()}, rank, tuple(self.lost))
+        return {"kind": "token", "id": tok, "step": self.shard.step, "batch": tok // self.n, "slice": tok % self.n,
+                "straggler": self.straggler, "peers_s": peers_s}
 
     def finish(self, rank: int) -> None:
         with self.cond:
@@ -137,8 +145,16 @@ class TokenBook:
             self.cond.notify_all()
 
     def mark_lost(self, rank: int) -> None:
+        """A worker that stopped answering: the token it held, unless its gradient reached this shard,
+        goes to the next worker that asks, so its global batch still gets N gradients (under
+        --max-staleness the global step would otherwise wait for it for ever)."""
         with self.cond:
             self.lost.add(rank)
+            w = self.workers.get(rank)
+            if w is not None and w.holding is not None and self.active and not self.shard.has_pushed(w.holding):
+                self.reissue.append(w.holding)
+            if w is not None:
+                w.holding = None
             self.cond.notify_all()
 
     def report(self) -> dict[str, Any]:
@@ -155,12 +171,3 @@ class TokenBook:
             for w in self.workers.values():
                 w.loss_sum, w.loss_n, w.samples = 0.0, 0, 0
             return out
-
-
-def slowest_over_median(step_s: list[float]) -> float:
-    """How many times the slowest worker's step time is the median's (1.0 with fewer than 2 workers)."""
-    times = [t for t in step_s if t > 0]
-    if len(times) < 2:
-        return 1.0
-    med = statistics.median(times)
-    return max(times) / med if med > 0 else 1.0
