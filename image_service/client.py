@@ -14,8 +14,6 @@ told otherwise) and waits until it answers; `RemoteClient(address)` joins a runn
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields

@@ -24,7 +24,6 @@ i.e. at the trainer's checkpoints) is loaded when a restarted service finds it, 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import sys
@@ -46,7 +45,6 @@ from vitrine import rpc_group
 from vitrine.config import help_meta as _h
 from vitrine.errors import UserError
 from vitrine.procs import write_ready
-from vitrine.rpc_group import RANK_KEY, free_port  # noqa: F401 - their old home
 
 SERVICE_NAME = "images"
 CHECKPOINT = "checkpoint.pt"

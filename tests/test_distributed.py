@@ -77,7 +77,7 @@ def test_two_torchrun_groups_on_one_machine_train_as_one_job(world_dataset, tmp_
     the same entry point trains as one all-reduce job, equal to one process on the global batch."""
     from image_service.client import SpawnedService
     from image_service.descriptor import DescriptorConfig
-    from image_service.server import free_port
+    from vitrine.rpc_group import free_port
 
     descriptor = DescriptorConfig(lr=0.05, optimizer="sgd", seed=3, dtype="float64")
     service = SpawnedService(world_dataset, descriptor, tmp_path / "service", policy="sync", workers=2)

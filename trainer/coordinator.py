@@ -12,7 +12,29 @@ def finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def end_of_epoch(trainer: Trainer, logger, head_at: int | None = None) -> None:
+def read_commands(control, world: int | None) -> list[tuple[str, Any]]:
+    """The job's new control-channel commands (`vitrine/control.py`, written by the dashboard or `vitrine
+    job`), parsed: ("stop", None), ("switch", MODE) and, in a multi-process job (`world`), ("straggler",
+    Straggler). A setting that does not fit the job is reported and dropped."""
+    from trainer.distributed.stragglers import Straggler
+    from vitrine.errors import UserError
+
+    out: list[tuple[str, Any]] = []
+    for cmd in control.poll() if control is not None else ():
+        c = cmd.get("cmd")
+        if c == "stop":
+            out.append(("stop", None))
+        elif c == "switch" and world is not None:
+            out.append(("switch", cmd["mode"]))
+        elif c == "straggler" and world is not None:
+            try:
+                out.append(("straggler", Straggler.parse(cmd["spec"], world)))
+            except UserError as exc:
+                print(f"control: ignored {cmd}: {exc}", flush=True)
+    return out
+
+
+def end_of_epoch(trainer, logger, head_at: int | None = None) -> None:
     """Evaluate on valid (coordinator) after an epoch. `head_at`: see `Trainer.predict`."""
     if "valid" in trainer.eval_loaders and trainer.is_coordinator:
         m = trainer.evaluate("valid", head_at)
@@ -21,7 +43,7 @@ def end_of_epoch(trainer: Trainer, logger, head_at: int | None = None) -> None:
             logger.log_metrics({f"valid_{k}": v for k, v in m.items() if finite(v)}, step=trainer.step)
 
 
-def log_switches(trainer: Trainer, logger) -> None:
+def log_switches(trainer, logger) -> None:
     """One tag per switch, `vitrine.switch.<step>` = "<from>-><to>" (what the dashboard draws), and why."""
     if logger is None:
         return

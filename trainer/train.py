@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import secrets
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, replace
@@ -36,7 +34,7 @@ from image_service.client import ImageServiceUnavailable, LocalClient, RemoteCli
 from image_service.service import ImageService
 from pipeline.vocab import OOV
 from trainer import checkpoint, metrics
-from trainer.data import BatchLoader, LoaderConfig, prefetched
+from trainer.data import BatchLoader, LoaderConfig
 from trainer.distributed.stragglers import peers_median
 from trainer.dataset import Dataset, open_dataset
 from trainer.features import FeatureMap
@@ -47,7 +45,8 @@ from trainer.distributed.allreduce import DistContext
 from trainer.distributed.launch import PS_KEY_ENV, RPC_GROUP_ENV, RUN_ID_FILE, SERVICE_ENV
 from trainer.model import DICM
 from trainer.switching import Decision, SwitchPolicy
-from trainer.coordinator import end_of_epoch, finite as _finite, log_switches
+from trainer.coordinator import read_commands
+from trainer.loop import fit
 from vitrine import jobs, paths
 from vitrine.errors import UserError
 
@@ -202,10 +201,7 @@ class Trainer:
         if self.ctx is not None:
             batch, share = allreduce.shard(batch, self.ctx)
         img = image_inputs(batch, self.service, self.model.uses_ad_image, self.model.uses_hist_images, train=True)
-        logits = self.model(batch, img.ad, img.hist)
-        loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype)) * share
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self.forward_backward(batch, img, share)
         if self.ctx is None and self.control is not None:
             self._control_commands()
         if self.ctx is not None:
@@ -247,6 +243,16 @@ class Trainer:
         self.step += 1
         return float(loss.detach())
 
+    def forward_backward(self, batch: dict[str, torch.Tensor], img, share: float) -> torch.Tensor:
+        """Forward, the loss (mean BCE over this worker's rows, x `share` so that the workers' gradients
+        average to the global batch's), and its gradients into `.grad` (every mode's step)."""
+        self.model.train()
+        logits = self.model(batch, img.ad, img.hist)
+        loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype)) * share
+        self.model.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
     def request_stop(self) -> None:
         """Stop after the current step (one process) or after the next step all workers agree on (AR)."""
         self._stop_pending = True
@@ -255,21 +261,14 @@ class Trainer:
 
     def _control_commands(self) -> tuple[float, float, float] | None:
         """Apply the job's new control commands (coordinator); returns a new straggler setting to share."""
-        if self.control is None:
-            return None
         new = None
-        for cmd in self.control.poll():
-            if cmd.get("cmd") == "stop":
+        for c, value in read_commands(self.control, None if self.ctx is None else self.ctx.world):
+            if c == "stop":
                 self.request_stop()
-            elif cmd.get("cmd") == "switch" and self.ctx is not None:
-                self._switch_command(cmd["mode"])
-            elif cmd.get("cmd") == "straggler" and self.ctx is not None:
-                from trainer.distributed.stragglers import Straggler
-
-                try:
-                    new = Straggler.parse(cmd["spec"], self.ctx.world).as_tuple()
-                except UserError as exc:
-                    print(f"control: ignored {cmd}: {exc}", flush=True)
+            elif c == "switch":
+                self._switch_command(value)
+            elif c == "straggler":
+                new = value.as_tuple()
         return new
 
     def _switch_command(self, mode: str) -> None:
@@ -533,7 +532,7 @@ def _train(trainer: Trainer, cfg: TrainConfig, st: dict[str, Any] | None, run_di
     if st is None:
         trainer.save_checkpoint(run_dir)  # step 0: a job whose image service dies early can still --resume
     try:
-        result = _fit(trainer, run_dir, logger)
+        result = fit(trainer, run_dir, logger)
     except KeyboardInterrupt:
         _save_if_service_alive(trainer, run_dir)
         if logger is not None:
@@ -596,123 +595,6 @@ def _stop_on_sigterm(trainer: Trainer):
 
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
-
-
-def _fit(trainer: Trainer, run_dir: Path, logger) -> dict[str, Any]:
-    cfg = trainer.cfg
-    t_fit = time.perf_counter()
-    steps_per_epoch = len(trainer.train_loader)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stdout)
-    while True:
-        if trainer.phase in PS_MODES:
-            from trainer.distributed.ps_fit import fit_ps
-
-            outcome = fit_ps(trainer, run_dir, logger, total, bar)
-        else:
-            outcome = _fit_sync(trainer, run_dir, logger, total, bar)
-        if outcome != "switch":
-            break
-    if bar is not None:
-        bar.close()
-    train_seconds = time.perf_counter() - t_fit - trainer.eval_seconds
-    if outcome == "stopped":
-        trainer.save_checkpoint(run_dir)
-        print(f"stopped at step {trainer.step} on request; checkpoint in {run_dir} "
-              f"(continue with `vitrine train --resume {run_dir}`)", flush=True)
-        return {"steps": trainer.step, "stopped": True}
-    final: dict[str, Any] = {"steps": trainer.step, "train_seconds": train_seconds}
-    if not trainer.is_coordinator:
-        return final
-    if "test" in trainer.eval_loaders:
-        m = trainer.evaluate("test")
-        final.update({f"test_{k}": v for k, v in m.items()})
-        if logger is not None:
-            logger.log_metrics({f"test_{k}": v for k, v in m.items() if _finite(v)}, step=trainer.step)
-    if trainer.history:
-        final.update({k: v for k, v in trainer.history[-1].items() if k.startswith("valid_")})
-    if trainer.history:
-        # Valid metrics per epoch, so a reader can tell a converged run from one still climbing or overfitting.
-        final["epochs"] = [{k: v for k, v in h.items() if k in ("epoch", "step", "valid_auc", "valid_logloss")}
-                           for h in trainer.history]
-    if trainer.switches:
-        final["switches"] = [list(x) for x in trainer.switches]
-    final.update(getattr(trainer, "ps_stats", {}))
-    trainer.save_checkpoint(run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
-    return final
-
-
-def _fit_sync(trainer: Trainer, run_dir: Path, logger, total: int, bar) -> str:
-    """Single-process or all-reduce steps until the data ends ("done"), a stop ("stopped") or a switch
-    to a PS mode that every worker agreed on ("switch")."""
-    cfg = trainer.cfg
-    steps_per_epoch = len(trainer.train_loader)
-    window_t, window_n = time.perf_counter(), 0
-    done = trainer.step >= total
-    while not done and trainer.epoch < cfg.epochs:
-        batches = iter(prefetched(trainer.train_loader.epoch(trainer.epoch, skip_batches=trainer.batch_in_epoch),
-                                  cfg.interleave))
-        while True:
-            t_data = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            trainer.data_s = time.perf_counter() - t_data
-            loss = trainer.train_step(batch)
-            trainer.batch_in_epoch += 1
-            window_n += int(batch["label"].shape[0])
-            if trainer.step % cfg.log_every == 0 or trainer.step == total or trainer.switch_to:
-                now = time.perf_counter()
-                sps = window_n / max(now - window_t, 1e-9)
-                window_t, window_n = now, 0
-                if logger is not None:
-                    m = {"loss": loss, "samples_per_s": sps, "lr": trainer.sched.get_last_lr()[0]}
-                    if trainer.service is not None:
-                        m.update(trainer.service.meter.summary())
-                    if trainer.ctx is not None:
-                        m.update({f"worker_step_s_{r}": t for r, t in enumerate(trainer.worker_step_s)})
-                        slowed = trainer.straggler.slowed(trainer.step - 1, trainer.ctx.world, cfg.seed)
-                        m["straggler_rank"] = -1 if slowed is None else slowed
-                        m["mode_code"] = float(MODE_CODES[trainer.phase])
-                    logger.log_metrics(m, step=trainer.step)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:,.0f}")
-            if bar is not None:
-                bar.update(1)
-            jobs.report_progress(trainer.step, total, loss=loss, epoch=trainer.epoch)
-            if trainer.step % cfg.checkpoint_every == 0:
-                trainer.save_checkpoint(run_dir)
-            if trainer.step >= total:
-                done = True
-                break
-            if trainer.stop_requested:
-                return "stopped"
-            if trainer.switch_to:
-                new, trainer.switch_to = trainer.switch_to, None
-                if trainer.batch_in_epoch >= steps_per_epoch:
-                    trainer.epoch += 1
-                    trainer.batch_in_epoch = 0
-                    end_of_epoch(trainer, logger)
-                trainer.note_switch(trainer.phase, new.to, new.why)
-                log_switches(trainer, logger)
-                trainer.phase = new.to
-                return "switch"
-        if trainer.stop_requested and not done:
-            return "stopped"
-        if not done or trainer.batch_in_epoch >= steps_per_epoch:
-            # A finished epoch: evaluate on valid, move on.
-            trainer.epoch += 1
-            trainer.batch_in_epoch = 0
-            end_of_epoch(trainer, logger)
-            trainer.save_checkpoint(run_dir)
-    return "done"
 
 
 def _log_model(trainer: Trainer, logger) -> None:

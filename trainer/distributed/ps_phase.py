@@ -26,7 +26,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from trainer.distributed import allreduce
 from trainer.distributed.allreduce import DistContext
@@ -245,11 +244,7 @@ class PSPhase:
                     self.params[name].copy_(values)
                 else:
                     self.params[name][rows] = values
-        t.model.train()
-        logits = t.model(batch, img.ad, img.hist)
-        loss = F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype)) * share
-        t.model.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = t.forward_backward(batch, img, share)
         clock("compute")
         straggler = t.straggler.from_tuple(tuple(tok["straggler"]))
         own_s = self._own_work_s()

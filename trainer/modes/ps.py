@@ -1,8 +1,9 @@
-"""The training loop of a parameter-server phase (async or gba), on every worker of the job.
+"""The runner of the parameter-server modes (async and gba), on every worker of the job.
 
-`fit_ps` opens the phase (the coordinator hands the state to the shards, everyone meets at a barrier),
+`run` opens the phase (the coordinator hands the state to the shards, everyone meets at a barrier),
 runs `PSPhase.run` and closes it the way shard 0 said: "done" (the data is used up), "stop" (asked
-through the control channel or SIGTERM) or "ar" (back to all-reduce). On worker 0 the `_Coordinator`
+through the control channel or SIGTERM) or "ar" (back to all-reduce: the loop makes the switch). The
+worker's own steps are `PSPhase`'s (`trainer/distributed/ps_phase.py`). On worker 0 the `_Coordinator`
 hook runs after each of its steps: control channel, the auto rule, MLflow figures, valid evaluation
 at epoch ends, checkpoints.
 """
@@ -16,7 +17,9 @@ from typing import Any
 import torch.distributed as dist
 
 from trainer.config import MODE_CODES
-from trainer.coordinator import end_of_epoch, log_switches
+from trainer.coordinator import end_of_epoch, log_switches, read_commands
+from trainer.modes import Outcome
+from trainer.switching import Decision
 from vitrine import jobs
 from vitrine.errors import UserError
 
@@ -24,7 +27,7 @@ from vitrine.errors import UserError
 SHARD_FIGURES = ("tokens_applied", "tokens_decayed", "tokens_dropped", "staleness_p50", "staleness_p90", "staleness_p99")
 
 
-def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
+def run(trainer, run_dir: Path, logger, total: int, bar) -> Outcome:
     ps = trainer.ps
     if ps is None:
         raise UserError(f"mode {trainer.phase} needs the job's parameter server; start the job with "
@@ -52,15 +55,12 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
         trainer.epoch, trainer.batch_in_epoch = divmod(next_batch, spe)
         if trainer.is_coordinator:
             _record_phase(trainer, ps, figures, hook.close(), logger)
-            trainer.note_switch(trainer.phase, "ar", hook.switch_why)
-            log_switches(trainer, logger)
-        trainer.phase = "ar"
-        return "switch"
+        return Outcome("switch", Decision("ar", hook.switch_why if hook is not None else "coordinator"))
     if not trainer.is_coordinator:
-        return "stopped" if kind == "stop" else "done"
+        return Outcome("stopped" if kind == "stop" else "done")
     lost = ps.wait_for_workers()
     if lost:
-        print(f"workers {lost} were lost during the PS phase; their tokens' slices were dropped", flush=True)
+        print(f"workers {lost} were lost during the PS phase", flush=True)
     ps.client.configure("idle", trainer.ctx.world, cfg.gba_threshold, cfg.gba_decay)
     figures = _close_service(trainer, ps)
     ps.load_from_ps()
@@ -68,7 +68,7 @@ def fit_ps(trainer, run_dir: Path, logger, total: int, bar) -> str:
     _evaluate_missed(trainer, hook, logger, next_batch)
     log_switches(trainer, logger)
     _record_phase(trainer, ps, figures, final, logger)
-    return "stopped" if kind == "stop" else "done"
+    return Outcome("stopped" if kind == "stop" else "done")
 
 
 # Counts that start afresh with each PS phase (the service's policy is new each time); the shards'
@@ -234,26 +234,17 @@ class _Coordinator:
         t = self.t
         if t._stop_pending:
             self.client.tokens("set_command", "stop")
-        if t.control is None:
-            return
-        from trainer.distributed.stragglers import Straggler
-
-        for cmd in t.control.poll():
-            c = cmd.get("cmd")
+        for c, value in read_commands(t.control, t.ctx.world):
             if c == "stop":
                 t.request_stop()
                 self.client.tokens("set_command", "stop")
             elif c == "straggler":
-                try:
-                    t.straggler = Straggler.parse(cmd["spec"], t.ctx.world)
-                except UserError as exc:
-                    print(f"control: ignored {cmd}: {exc}", flush=True)
-                    continue
+                t.straggler = value
                 self.client.tokens("set_straggler", t.straggler.as_tuple())
             elif c == "switch" and not self.asked_ar:
-                lost = self.client.tokens("report")["lost"] if cmd["mode"] == "ar" else []
+                lost = self.client.tokens("report")["lost"] if value == "ar" else []
                 try:
-                    d = t.policy.asked(cmd["mode"], t.phase, lost)
+                    d = t.policy.asked(value, t.phase, lost)
                 except ValueError as exc:
                     print(f"control: {exc}", flush=True)
                     continue

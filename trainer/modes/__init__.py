@@ -1,0 +1,18 @@
+"""The modes' runners: `sync` (single process and all-reduce) and `ps` (async and gba on the parameter
+server). Each has `run(trainer, run_dir, logger, total, bar) -> Outcome`; the loop in
+`trainer/loop.py` drives them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.switching import Decision
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a runner's phase ended: "done" (the data is used up), "stopped" (asked) or "switch" (to
+    `switch.to`, agreed by every worker, at a global-batch boundary)."""
+
+    kind: str
+    switch: Decision | None = None
