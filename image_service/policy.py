@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from vitrine.gba import staleness
+
 if TYPE_CHECKING:
     from vitrine.gba import GBAConfig
 
@@ -154,7 +156,7 @@ class GBA(UpdatePolicy):
     def add(self, push: Push) -> list[Update]:
         if push.token is None:
             raise ValueError("the gba policy needs each push's token (the global step its batch was issued at)")
-        _, batch = self.agg.add(self.step - int(push.token), push)
+        _, batch = self.agg.add(staleness(self.step, push.token), push)
         if batch is None:
             # Dropped, or non-blocking: the worker goes on; the step lands when the global batch is complete.
             push.done.set_result(-1)

@@ -8,73 +8,72 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from image_service.policy import GBA, Push, Sync, merge_pushes
-from vitrine.gba import GBAConfig, GBAState, weighted_mean
+from vitrine.gba import Aggregator, GBAConfig, may_issue, staleness
 
 
-def test_each_update_takes_exactly_n_and_a_token_once():
-    gba = GBAState(GBAConfig(n=3))
-    toks = [gba.issue() for _ in range(4)]
-    assert gba.push(toks[0], torch.tensor([1.0])) is None
-    with pytest.raises(ValueError, match="already used"):
-        gba.push(toks[0], torch.tensor([1.0]))
-    assert gba.push(toks[1], torch.tensor([2.0])) is None
-    batch = gba.push(toks[2], torch.tensor([6.0]))
-    assert [c.token for c in batch] == toks[:3] and gba.step == 1
-    assert weighted_mean(batch, 3).item() == pytest.approx(3.0)
-    # toks[3] was issued at step 0 and arrives at step 1: staleness 1 <= threshold, full weight.
-    assert gba.push(toks[3], torch.tensor([0.0])) is None and gba.pending() == 1
+def _mean(batch, n):
+    """sum(weight * gradient) / n: what a shard or the service applies for a complete batch."""
+    return sum(w * g for w, _, g in batch) / n
+
+
+def test_each_update_takes_exactly_n_gradients_weighted_by_staleness():
+    agg = Aggregator(GBAConfig(n=3))
+    assert agg.add(0, 1.0) == (1.0, None) and agg.add(1, 2.0) == (1.0, None)
+    w, batch = agg.add(2, 6.0)
+    assert w == 1.0 and [g for _, _, g in batch] == [1.0, 2.0, 6.0] and _mean(batch, 3) == pytest.approx(3.0)
+    assert agg.pending() == 0 and agg.stats.updates == 1 and agg.stats.applied == 3
 
 
 def test_staleness_beyond_the_threshold_is_decayed_or_dropped():
     cfg = GBAConfig(n=1, threshold=2, decay=0.5)
     assert [cfg.weight(s) for s in (0, 2, 3, 5)] == [1.0, 1.0, 0.5, 0.125]
-    gba = GBAState(cfg)
-    old = gba.issue()
-    for _ in range(5):  # five updates from fresh tokens move the global step to 5
-        gba.push(gba.issue(), torch.tensor([0.0]))
-    (c,) = gba.push(old, torch.tensor([8.0]))
-    assert c.staleness == 5 and c.weight == 0.125 and weighted_mean([c], 1).item() == 1.0
-    assert gba.stats.decayed == 1
-    sync_replicas = GBAState(GBAConfig(n=1, threshold=0, decay=0.0))
-    stale = sync_replicas.issue()
-    sync_replicas.push(sync_replicas.issue(), torch.tensor([0.0]))
-    assert sync_replicas.push(stale, torch.tensor([1.0])) is None and sync_replicas.stats.dropped == 1
+    assert staleness(step=5, token_step=0) == 5
+    agg = Aggregator(cfg)
+    w, batch = agg.add(staleness(5, 0), 8.0)
+    assert w == 0.125 and _mean(batch, 1) == 1.0 and agg.stats.decayed == 1
+    sync_replicas = Aggregator(GBAConfig(n=1, threshold=0, decay=0.0))  # TensorFlow's SyncReplicasOptimizer
+    assert sync_replicas.add(1, 1.0) == (0.0, None) and sync_replicas.stats.dropped == 1
 
 
-def test_a_worker_that_dies_holding_a_token_stalls_nothing():
-    gba = GBAState(GBAConfig(n=2))
-    lost = gba.issue()  # worker 2 takes a token and dies
-    for step in range(3):
-        a, b = gba.issue(), gba.issue()
-        gba.push(a, torch.tensor([1.0]), worker=0)
-        assert gba.push(b, torch.tensor([1.0]), worker=1) is not None
-    assert gba.step == 3 and gba.outstanding() == 1 and lost.id not in (a.id, b.id)
+def test_bounded_staleness_holds_a_token_back_until_the_step_catches_up():
+    assert may_issue(batch=3, step=3, max_staleness=0) and not may_issue(batch=4, step=3, max_staleness=0)
+    assert may_issue(batch=5, step=3, max_staleness=2) and not may_issue(batch=6, step=3, max_staleness=2)
+    assert may_issue(batch=10**6, step=0, max_staleness=-1)
+
+
+def test_a_worker_that_dies_holding_a_token_loses_no_batch():
+    """Shard 0's token book: a lost worker's token, never pushed, goes to the next worker that asks (its
+    global batch still gets N gradients); one whose gradient arrived is not handed out twice."""
+    from trainer.ps.shard import ParameterShard
+    from trainer.ps.tokens import TokenBook
+
+    shard = ParameterShard(0, 1)
+    book = TokenBook(shard, world=3)
+    book.start(step=0, first_batch=0, end_batch=10, n=3, max_staleness=-1, straggler=(-1, 0.0, 1.0))
+    held = {r: book.request(r, f"w{r}", 0.0, None, 0)["id"] for r in range(3)}
+    assert sorted(held.values()) == [0, 1, 2]
+    book.mark_lost(2)  # worker 2 dies holding its token, unpushed
+    again = book.request(0, "w0", 0.0, None, 0)
+    assert again["id"] == held[2] and again["batch"] == 0 and again["slice"] == held[2] % 3
+    assert book.request(1, "w1", 0.0, None, 0)["id"] == 3  # then the next batch, as before
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 4), events=st.lists(st.tuples(st.booleans(), st.integers(0, 50)), max_size=80),
+@given(n=st.integers(1, 4), arrivals=st.lists(st.integers(0, 6), max_size=80),
        threshold=st.integers(0, 3), decay=st.sampled_from([0.0, 0.5, 1.0]))
-def test_token_invariants_hold_for_any_interleaving(n, events, threshold, decay):
-    gba = GBAState(GBAConfig(n=n, threshold=threshold, decay=decay))
-    held, used, applied = [], set(), 0
-    for issue, pick in events:
-        if issue or not held:
-            held.append(gba.issue())
-            continue
-        tok = held.pop(pick % len(held))
-        staleness = gba.step - tok.step
-        batch = gba.push(tok, torch.tensor([1.0]))
-        assert tok.id not in used
-        used.add(tok.id)
+def test_aggregation_invariants_hold_for_any_staleness(n, arrivals, threshold, decay):
+    cfg = GBAConfig(n=n, threshold=threshold, decay=decay)
+    agg = Aggregator(cfg)
+    applied = 0
+    for s in arrivals:
+        w, batch = agg.add(s, 1.0)
+        assert w == cfg.weight(s)
         if batch is not None:
-            assert len(batch) == n and len({c.token.id for c in batch}) == n
-            assert all(c.weight == GBAConfig(n, threshold, decay).weight(c.staleness) > 0 for c in batch)
+            assert len(batch) == n and all(bw == cfg.weight(bs) > cfg.drop_below for bw, bs, _ in batch)
             applied += n
-        if staleness > threshold and decay < 1.0:
-            assert gba.stats.decayed + gba.stats.dropped > 0
-    s = gba.stats
-    assert s.applied == applied == n * s.updates == n * gba.step
-    assert s.issued == s.applied + s.dropped + gba.pending() + len(held)
+    st_ = agg.stats
+    assert st_.applied == applied == n * st_.updates
+    assert len(arrivals) == st_.applied + st_.dropped + agg.pending()
 
 
 def _push(ids, grads, token, worker=0):

@@ -477,6 +477,13 @@ def _worker(cfg: TrainConfig, ctx: DistContext | None, st: dict[str, Any] | None
             trainer.close()
             if ctx is not None:
                 allreduce.shutdown()
+    except BaseException:
+        if ctx is not None:
+            from trainer.watchdog import report_if_orphaned
+
+            if report_if_orphaned():  # a collective failed because the launcher (and its workers) went
+                os._exit(1)
+        raise
     finally:
         if helpers is not None:
             helpers.stop()

@@ -12,25 +12,31 @@ are summed with their weights and divided by N; sparse rows likewise per row, di
 the row's occurrences): with nothing stale a GBA update equals one synchronous step on the
 concatenated global batch.
 
-A token is used at most once: a second push with the same token is refused. A worker that dies
-while holding a token simply never pushes it; nothing waits for a particular token, so training
-goes on.
+A token is used at most once: a second push with the same token is refused (the shards). The token
+book that issues them, hands a lost worker's token to another and holds tokens back under bounded
+staleness is shard 0's (`trainer/ps/tokens.py`); the rules it applies are here (`staleness`,
+`may_issue`), beside the weighting (`GBAConfig.weight`) and the aggregation (`Aggregator`).
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
 from dataclasses import dataclass, field
-from typing import Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 G = TypeVar("G")
 
 
-@dataclass(frozen=True)
-class Token:
-    id: int
-    step: int  # the global step when it was issued
+def staleness(step: int, token_step: int) -> int:
+    """How many global steps a gradient is late: the server's step when it arrives minus the step its
+    token was stamped with."""
+    return int(step) - int(token_step)
+
+
+def may_issue(batch: int, step: int, max_staleness: int) -> bool:
+    """Bounded staleness (`--max-staleness K`): a token of global batch `batch` (counted from the
+    phase's first batch, like the step) goes out only while it is at most K steps ahead of the global
+    step; K = 0 is synchronous training over the PS, K < 0 never holds a token back."""
+    return max_staleness < 0 or batch - step <= max_staleness
 
 
 @dataclass
@@ -55,15 +61,6 @@ class GBAConfig:
 
 
 @dataclass
-class Contribution(Generic[G]):
-    token: Token
-    gradient: G
-    weight: float
-    staleness: int
-    worker: int = 0
-
-
-@dataclass
 class Stats:
     issued: int = 0
     applied: int = 0  # gradients that went into an update
@@ -84,8 +81,8 @@ class Stats:
 
 
 class Aggregator(Generic[G]):
-    """The GBA rule for gradients as they arrive, shared by the parameter-server shards, the image
-    service's gba policy and `GBAState`: weigh each by its staleness, drop it when the weight is too
+    """The GBA rule for gradients as they arrive, shared by the parameter-server shards and the image
+    service's gba policy: weigh each by its staleness, drop it when the weight is too
     small, and hand back a batch once exactly N count. Not thread-safe (every caller holds a lock) and
     step-agnostic: the caller knows the step, computes the staleness and advances the step when a
     batch comes back, since the shards also move it in their async mode.
@@ -119,60 +116,3 @@ class Aggregator(Generic[G]):
 
     def pending(self) -> int:
         return len(self._held)
-
-
-class GBAState(Generic[G]):
-    """Token book in front of an `Aggregator`, for a server that issues its own tokens. Thread-safe.
-
-    `push` returns the list of contributions of a complete global batch when this push completes one
-    (exactly N of them, each with its weight), else None; the caller then applies
-    sum(weight * gradient) / N and the global step advances by one.
-    """
-
-    def __init__(self, cfg: GBAConfig, step: int = 0):
-        self.cfg = cfg
-        self.step = step
-        self.agg: Aggregator[Contribution[G]] = Aggregator(cfg)
-        self.stats = self.agg.stats
-        self._ids = itertools.count()
-        self._outstanding: dict[int, Token] = {}
-        self._lock = threading.Lock()
-
-    def issue(self) -> Token:
-        with self._lock:
-            tok = Token(next(self._ids), self.step)
-            self._outstanding[tok.id] = tok
-            self.stats.issued += 1
-            return tok
-
-    def outstanding(self) -> int:
-        with self._lock:
-            return len(self._outstanding)
-
-    def push(self, token: Token, gradient: G, worker: int = 0) -> list[Contribution[G]] | None:
-        with self._lock:
-            held = self._outstanding.pop(token.id, None)
-            if held is None:
-                raise ValueError(f"token {token.id} (step {token.step}) was never issued or was already used; "
-                                 f"each token carries one gradient")
-            if held != token:
-                raise ValueError(f"token {token.id} does not match the one issued ({held})")
-            staleness = self.step - token.step
-            _, batch = self.agg.add(staleness, Contribution(token, gradient, 0.0, staleness, worker))
-            if batch is None:
-                return None
-            self.step += 1
-            return [Contribution(c.token, c.gradient, w, c.staleness, c.worker) for w, _, c in batch]
-
-    def pending(self) -> int:
-        with self._lock:
-            return self.agg.pending()
-
-
-def weighted_mean(contributions: Sequence[Contribution], n: int):
-    """sum(weight * gradient) / n for tensor gradients (dense)."""
-    total = None
-    for c in contributions:
-        g = c.gradient * c.weight if c.weight != 1.0 else c.gradient
-        total = g.clone() if total is None else total.add_(g)
-    return total / n

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitrine.gba import Aggregator, GBAConfig, Stats
+from vitrine.gba import Aggregator, GBAConfig, Stats, staleness as gba_staleness
 from vitrine.snapshots import EpochSnapshots
 
 MODES = ("idle", "async", "gba")
@@ -129,7 +129,7 @@ class ParameterShard:
                 raise TokenReused(f"token {token} already pushed to shard {self.shard}; each token carries one gradient")
             self._seen.add(token)
             self.bytes_in += sum(t.nbytes for t in dense.values()) + sum(i.nbytes + r.nbytes for i, r in sparse.values())
-            staleness = self.step - int(token_step)
+            staleness = gba_staleness(self.step, token_step)
             if self.mode == "async":
                 self.stats.staleness.append(staleness)
                 self.stats.applied += 1

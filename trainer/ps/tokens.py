@@ -25,6 +25,7 @@ from typing import Any
 
 from trainer.distributed.stragglers import peers_median
 from trainer.ps.shard import ParameterShard
+from vitrine.gba import may_issue
 
 
 @dataclass
@@ -109,9 +110,9 @@ class TokenBook:
             def ready() -> bool:
                 if self.reissue and self.active:
                     return True
-                if self._commanded() or not self.active or self.next_id >= self.end_id or self.max_staleness < 0:
+                if self._commanded() or not self.active or self.next_id >= self.end_id:
                     return True
-                return self.next_id // self.n - self.batch_offset - self.shard.step <= self.max_staleness
+                return may_issue(self.next_id // self.n - self.batch_offset, self.shard.step, self.max_staleness)
 
             deadline = time.monotonic() + wait_s
             while not ready():
