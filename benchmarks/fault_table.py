@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STOP_LIMIT_S = 10.0
 EXACT = ["--dtype", "float64", "--optimizer", "adam", "--lr", "0.01", "--seed", "3", "--threads", "1",
-         "--no-progress", "--epochs", "1", "--checkpoint-every", "3", "--log-every", "2"]
+         "--no-progress", "--epochs", "1", "--max-steps", "16", "--checkpoint-every", "3", "--log-every", "2"]
 
 
 @dataclass
@@ -146,12 +146,13 @@ def _mlflow_status(run_dir: Path) -> str:
 
 
 def expected_steps(ds: Path, case: Case) -> int:
-    """Global steps of the whole job: EXACT's epochs x batches per epoch."""
+    """Global steps of the whole job: EXACT's epochs x batches per epoch, at most its --max-steps."""
     import pyarrow.parquet as pq
 
     rows = pq.ParquetDataset(str(ds / "train")).read(columns=["label"]).num_rows
     batch = 192 if case.mode == "single" else 64 * case.workers
-    return int(EXACT[EXACT.index("--epochs") + 1]) * -(-rows // batch)
+    total = int(EXACT[EXACT.index("--epochs") + 1]) * -(-rows // batch)
+    return min(total, int(EXACT[EXACT.index("--max-steps") + 1]))
 
 
 def _logged_twice(run_dir: Path) -> list[tuple[str, int]]:

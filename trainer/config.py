@@ -15,47 +15,87 @@ MODE_CODES = {"single": 0, "ar": 1, "async": 2, "gba": 3}
 
 
 @dataclass
-class TrainConfig:
+class DataSettings:
+    """What it trains on, in what batches and for how long."""
+
     dataset: str = field(default="data/processed/demo", metadata=_h("processed dataset directory"))
+    epochs: int = field(default=2, metadata=_h("passes over the train split (the paper converges in about 2)"))
+    batch_size: int = field(default=1024, metadata=_h("samples per step"))
+    max_steps: int = field(default=0, metadata=_h("stop after this many steps (0 = run all epochs)"))
+    max_len: int = field(default=0, metadata=_h("behaviours per sample; 0 = the dataset's"))
+    shuffle_buffer: int = field(default=65_536, metadata=_h("rows in the loader's shuffle buffer"))
+    eval_batch_size: int = field(default=4096, metadata=_h("samples per evaluation batch"))
+
+
+@dataclass
+class DistributionSettings:
+    """How many processes train and how they share the work (docs/DISTRIBUTED.md)."""
+
     mode: str = field(default="single", metadata=_h(
         "single (one process) | ar (synchronous all-reduce over --workers processes) | async (parameter "
         "server, each gradient applied on arrival) | gba (parameter server, global-batch aggregation) | auto "
         "(ar while the workers keep pace, gba while one straggles)", choices=MODES))
     workers: int = field(default=1, metadata=_h("worker processes (multi-process modes)"))
     ps_shards: int = field(default=1, metadata=_h("parameter-server shard processes (multi-process modes)"))
+    global_batch: int = field(default=0, metadata=_h(
+        "samples per step over all workers (0 = batch_size x workers); each worker takes its share"))
+    image_service: str = field(default="local", metadata=_h(
+        "where the image descriptor runs: local (in this process) | spawn (its own process, started and "
+        "stopped by this job) | HOST:PORT of a running `vitrine images serve`"))
     straggler: str | None = field(default=None, metadata=_h(
         "slow a worker on purpose: RANK:FACTOR, random:P:FACTOR or none (multi-process modes)"))
+    max_staleness: int = field(default=-1, metadata=_h(
+        "PS modes: hold a token back until its batch is at most this many steps ahead of the global step "
+        "(0 = synchronous over the PS, -1 = never hold back)"))
+    switch_at: str | None = field(default=None, metadata=_h(
+        "planned switches STEP:MODE[,STEP:MODE...] (e.g. 100:gba,200:ar), for reproducible experiments"))
+    auto_ratio: float = field(default=1.5, metadata=_h(
+        "auto: switch to gba when the slowest worker's step time is above this multiple of the median"))
+    auto_patience: int = field(default=5, metadata=_h(
+        "auto: steps the ratio must stay above (or, to switch back to ar, below) the threshold"))
+
+
+@dataclass
+class ModelSettings:
+    """The DICM model, its image descriptor, and how it learns (the same in every mode)."""
+
+    features: str = field(default="ids+images", metadata=_h("ids | ids+ad_image | ids+behavior_images | ids+images",
+                                                            choices=("ids", "ids+ad_image", "ids+behavior_images", "ids+images")))
+    aggregator: str = field(default="attentive", metadata=_h("behaviour-image aggregation",
+                                                             choices=("sum", "max", "attentive", "multi_query")))
+    embed_dim: int = field(default=12, metadata=_h("ID embedding dimension"))
+    image_dim: int = field(default=12, metadata=_h("image embedding dimension"))
+    mlp: tuple[int, ...] = field(default=(200, 80), metadata=_h("hidden sizes of the final MLP"))
+    trunk: str = field(default="resnet18", metadata=_h("frozen CNN trunk of the descriptor", choices=("resnet18", "mobilenet_v3_small")))
+    trunk_weights: str | None = field(default=None, metadata=_h("local .pth weights for the trunk (default: seeded random)"))
+    dtype: str = field(default="float32", metadata=_h("dtype of the model and the descriptor head (float64 for "
+                                                      "exactness checks)", choices=("float32", "float64")))
+    id_dropout: float = field(default=0.2, metadata=_h("share of training rows whose ad item and image IDs are replaced by OOV, so the model learns to score items it has no ID for (cold start)"))
+    optimizer: str = field(default="adam", metadata=_h("adam (paper) or sgd", choices=("adam", "sgd")))
+    lr: float = field(default=1e-3, metadata=_h("learning rate of the model and of the descriptor head"))
+    lr_decay: float = field(default=0.9, metadata=_h("multiply the learning rate by this every lr_decay_steps"))
+    lr_decay_steps: int = field(default=24_000, metadata=_h("steps between learning-rate decays (paper: 24k)"))
+
+
+@dataclass
+class GBASettings:
+    """GBA's staleness rules, for the PS shards and the image service (vitrine/gba.py)."""
+
     gba_threshold: int = field(default=2, metadata=_h("gba: staleness (global steps) a gradient keeps full weight"))
     gba_decay: float = field(default=0.5, metadata=_h("gba: weight factor per step of staleness beyond the threshold"))
     image_gba_threshold: int | None = field(default=None, metadata=_h(
         "gba: the image service's staleness threshold (default: --gba-threshold)"))
     image_gba_decay: float | None = field(default=None, metadata=_h(
         "gba: the image service's decay per step beyond its threshold (default: --gba-decay)"))
-    max_staleness: int = field(default=-1, metadata=_h(
-        "PS modes: hold a token back until its batch is at most this many steps ahead of the global step "
-        "(0 = synchronous over the PS, -1 = never hold back)"))
-    auto_ratio: float = field(default=1.5, metadata=_h(
-        "auto: switch to gba when the slowest worker's step time is above this multiple of the median"))
-    switch_at: str | None = field(default=None, metadata=_h(
-        "planned switches STEP:MODE[,STEP:MODE...] (e.g. 100:gba,200:ar), for reproducible experiments"))
-    auto_patience: int = field(default=5, metadata=_h(
-        "auto: steps the ratio must stay above (or, to switch back to ar, below) the threshold"))
-    global_batch: int = field(default=0, metadata=_h(
-        "samples per step over all workers (0 = batch_size x workers); each worker takes its share"))
-    features: str = field(default="ids+images", metadata=_h("ids | ids+ad_image | ids+behavior_images | ids+images",
-                                                            choices=("ids", "ids+ad_image", "ids+behavior_images", "ids+images")))
-    aggregator: str = field(default="attentive", metadata=_h("behaviour-image aggregation",
-                                                             choices=("sum", "max", "attentive", "multi_query")))
-    epochs: int = field(default=2, metadata=_h("passes over the train split (the paper converges in about 2)"))
-    batch_size: int = field(default=1024, metadata=_h("samples per step"))
-    lr: float = field(default=1e-3, metadata=_h("learning rate of the model and of the descriptor head"))
-    lr_decay: float = field(default=0.9, metadata=_h("multiply the learning rate by this every lr_decay_steps"))
-    lr_decay_steps: int = field(default=24_000, metadata=_h("steps between learning-rate decays (paper: 24k)"))
-    optimizer: str = field(default="adam", metadata=_h("adam (paper) or sgd", choices=("adam", "sgd")))
-    seed: int = field(default=0, metadata=_h("seed of initialisation and data order"))
-    max_len: int = field(default=0, metadata=_h("behaviours per sample; 0 = the dataset's"))
-    embed_dim: int = field(default=12, metadata=_h("ID embedding dimension"))
-    image_dim: int = field(default=12, metadata=_h("image embedding dimension"))
+
+
+@dataclass
+class PicassoSettings:
+    """PICASSO's optimizations (docs/PICASSO.md), each a switch of its own."""
+
+    packing: bool = field(default=True, metadata=_h(
+        "PICASSO packing: all embedding tables in one, one lookup per forward, one PS pull per shard "
+        "(--no-packing: a table and a lookup per vocabulary, a PS pull per table and shard)"))
     interleave: int = field(default=0, metadata=_h(
         "PICASSO interleaving: prepare this many batches ahead on a background thread (data; in PS modes "
         "also their tokens, PS pulls and image embeddings) while the current one computes"))
@@ -68,28 +108,28 @@ class TrainConfig:
     cache_staleness: int = field(default=2, metadata=_h(
         "PS modes: global steps a cached row, or descriptor-head versions a cached image embedding, may be "
         "old before it is re-read"))
-    packing: bool = field(default=True, metadata=_h(
-        "PICASSO packing: all embedding tables in one, one lookup per forward, one PS pull per shard "
-        "(--no-packing: a table and a lookup per vocabulary, a PS pull per table and shard)"))
-    mlp: tuple[int, ...] = field(default=(200, 80), metadata=_h("hidden sizes of the final MLP"))
-    trunk: str = field(default="resnet18", metadata=_h("frozen CNN trunk of the descriptor", choices=("resnet18", "mobilenet_v3_small")))
-    trunk_weights: str | None = field(default=None, metadata=_h("local .pth weights for the trunk (default: seeded random)"))
-    image_service: str = field(default="local", metadata=_h(
-        "where the image descriptor runs: local (in this process) | spawn (its own process, started and "
-        "stopped by this job) | HOST:PORT of a running `vitrine images serve`"))
-    dtype: str = field(default="float32", metadata=_h("dtype of the model and the descriptor head (float64 for "
-                                                      "exactness checks)", choices=("float32", "float64")))
-    shuffle_buffer: int = field(default=65_536, metadata=_h("rows in the loader's shuffle buffer"))
-    eval_batch_size: int = field(default=4096, metadata=_h("samples per evaluation batch"))
-    id_dropout: float = field(default=0.2, metadata=_h("share of training rows whose ad item and image IDs are replaced by OOV, so the model learns to score items it has no ID for (cold start)"))
-    max_steps: int = field(default=0, metadata=_h("stop after this many steps (0 = run all epochs)"))
-    checkpoint_every: int = field(default=500, metadata=_h("steps between checkpoints"))
+
+
+@dataclass
+class RunSettings:
+    """Where the run goes, what it logs, and how it is resumed."""
+
+    seed: int = field(default=0, metadata=_h("seed of initialisation and data order"))
     run_dir: str | None = field(default=None, metadata=_h("where checkpoints go (default data/runs/<run name>)"))
     resume: str | None = field(default=None, metadata=_h("run directory of a killed run to continue"))
-    threads: int = field(default=0, metadata=_h("torch threads (0 = all cores)"))
-    track: bool = field(default=True, metadata=_h("log the run to MLflow"))
+    checkpoint_every: int = field(default=500, metadata=_h("steps between checkpoints"))
     log_every: int = field(default=10, metadata=_h("steps between logged step metrics"))
+    track: bool = field(default=True, metadata=_h("log the run to MLflow"))
     progress: bool = field(default=True, metadata=_h("show a progress bar"))
+
+    threads: int = field(default=0, metadata=_h("torch threads (0 = all cores)"))
+
+
+@dataclass
+class TrainConfig(RunSettings, PicassoSettings, GBASettings, ModelSettings, DistributionSettings, DataSettings):
+    """Every setting of a training job: the six groups above, flattened into one set of `vitrine train`
+    flags (and the dashboard's Launch form), in the groups' order. Code that needs one group can take
+    that type (a TrainConfig is each of them)."""
 
     def step_batch(self) -> int:
         """Samples per optimizer step: the global batch in multi-process modes."""

@@ -34,6 +34,23 @@ def read_commands(control, world: int | None) -> list[tuple[str, Any]]:
     return out
 
 
+def step_figures(trainer, step: int, loss: float, samples_per_s: float, lr: float,
+                 step_s: dict[int, float]) -> dict[str, float]:
+    """The step metrics every mode logs (coordinator): loss, samples/s, lr, the image service's traffic
+    and, in a multi-process job, each worker's last step time, the slowed rank and the mode."""
+    from trainer.config import MODE_CODES
+
+    m = {"loss": loss, "samples_per_s": samples_per_s, "lr": lr}
+    if trainer.service is not None:
+        m.update(trainer.service.meter.summary())
+    if trainer.ctx is not None:
+        m.update({f"worker_step_s_{r}": t for r, t in step_s.items()})
+        slowed = trainer.straggler.slowed(step - 1, trainer.ctx.world, trainer.cfg.seed)
+        m["straggler_rank"] = -1 if slowed is None else slowed
+        m["mode_code"] = float(MODE_CODES[trainer.phase])
+    return m
+
+
 def end_of_epoch(trainer, logger, head_at: int | None = None) -> None:
     """Evaluate on valid (coordinator) after an epoch. `head_at`: see `Trainer.predict`."""
     if "valid" in trainer.eval_loaders and trainer.is_coordinator:

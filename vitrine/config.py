@@ -36,8 +36,22 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _groups(parser: argparse.ArgumentParser, cls: type) -> dict[str, Any]:
+    """field name -> where its flag goes: an argument group per dataclass base that declares fields (a
+    config grouped into sub-configs, e.g. `TrainConfig`), titled by its docstring; else the parser."""
+    out: dict[str, Any] = {}
+    for base in reversed(cls.__mro__[1:]):
+        own = [n for n in getattr(base, "__annotations__", {}) if dataclasses.is_dataclass(base)]
+        if own:
+            title = base.__name__.removesuffix("Settings").lower()
+            group = parser.add_argument_group(title, (base.__doc__ or "").strip().splitlines()[0] or None)
+            out.update({n: group for n in own})
+    return out
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
+    groups = _groups(parser, cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
@@ -67,7 +81,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             kwargs["default"] = default
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(_flag(f.name), **kwargs)
+        groups.get(f.name, parser).add_argument(_flag(f.name), **kwargs)
 
 
 def from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from trainer.config import MODE_CODES
-from trainer.coordinator import end_of_epoch, log_switches, read_commands
+from trainer.coordinator import end_of_epoch, log_switches, read_commands, step_figures
 from trainer.modes import Outcome
 from trainer.switching import Decision
 from vitrine import jobs
@@ -261,15 +260,10 @@ class _Coordinator:
         if self.logger is None:
             return
         t = self.t
-        m: dict[str, float] = {"loss": loss, "samples_per_s": sps, "lr": t.cfg.lr * t.cfg.lr_decay ** (step // t.cfg.lr_decay_steps),
-                               "mode_code": float(MODE_CODES[t.phase]), "tokens_issued": float(rep["issued"]),
-                               "workers_lost": float(len(rep["lost"]))}
-        m.update({f"worker_step_s_{r}": v for r, v in self.step_s.items()})
-        slowed = t.straggler.slowed(step - 1, t.ctx.world, t.cfg.seed)
-        m["straggler_rank"] = -1 if slowed is None else slowed
+        lr = t.cfg.lr * t.cfg.lr_decay ** (step // t.cfg.lr_decay_steps)
+        m = step_figures(t, step, loss, sps, lr, self.step_s)
+        m.update({"tokens_issued": float(rep["issued"]), "workers_lost": float(len(rep["lost"]))})
         m.update(gba_figures(self.client, t.service))
-        if t.service is not None:
-            m.update(t.service.meter.summary())
         self.logger.log_metrics({k: v for k, v in m.items() if v == v}, step=step)
 
     def _checkpoint(self, rep: dict[str, Any]) -> None:

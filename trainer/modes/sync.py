@@ -8,8 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from trainer.config import MODE_CODES
-from trainer.coordinator import end_of_epoch
+from trainer.coordinator import end_of_epoch, step_figures
 from trainer.data import prefetched
 from trainer.modes import Outcome
 from vitrine import jobs
@@ -39,14 +38,8 @@ def run(trainer, run_dir: Path, logger, total: int, bar) -> Outcome:
                 sps = window_n / max(now - window_t, 1e-9)
                 window_t, window_n = now, 0
                 if logger is not None:
-                    m = {"loss": loss, "samples_per_s": sps, "lr": trainer.sched.get_last_lr()[0]}
-                    if trainer.service is not None:
-                        m.update(trainer.service.meter.summary())
-                    if trainer.ctx is not None:
-                        m.update({f"worker_step_s_{r}": t for r, t in enumerate(trainer.worker_step_s)})
-                        slowed = trainer.straggler.slowed(trainer.step - 1, trainer.ctx.world, cfg.seed)
-                        m["straggler_rank"] = -1 if slowed is None else slowed
-                        m["mode_code"] = float(MODE_CODES[trainer.phase])
+                    m = step_figures(trainer, trainer.step, loss, sps, trainer.sched.get_last_lr()[0],
+                                     dict(enumerate(trainer.worker_step_s)))
                     logger.log_metrics(m, step=trainer.step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:,.0f}")
