@@ -1,7 +1,8 @@
 """The fault table: SIGKILL one process of a real job mid-run, then resume it as the job says.
 
 For each case (a process kind x a mode) it starts `vitrine train` on a small synthetic world, waits for
-a checkpoint past step K, SIGKILLs the chosen process, and measures: seconds until every process of
+a checkpoint past step K, checks that every listening socket of the job is on 127.0.0.1, SIGKILLs the
+chosen process, and measures: seconds until every process of
 the job is gone (or, for a tolerated PS worker, whether the job went on), the one line the job
 printed, processes or listening ports left behind, the MLflow run's status. Then it runs the command
 the job printed (`vitrine train --resume RUN`) and compares the resumed run with an uninterrupted run
@@ -54,6 +55,7 @@ class Outcome:
     line: str = ""
     resume_cmd: str = ""
     left: list[str] = field(default_factory=list)  # processes or ports still there
+    listening: int = 0  # listening sockets of the running job (all on 127.0.0.1, else a problem)
     mlflow_status: str = ""
     steps: int = -1
     resumed_steps: int = -1
@@ -191,6 +193,11 @@ def run_case(case: Case, ds: Path, work: Path, kill_after_step: int = 4, timeout
                 victim = _victim(case, job)
             time.sleep(0.1)
         procs = [p for p in _tree(job.pid) if p.pid != victim.pid]
+        # Every socket of the running job listens on 127.0.0.1: stores, RPC agents, gloo, service, shards.
+        wide = [a for a in _listening(_tree(job.pid)) if not a.startswith("127.0.0.1:")]
+        if wide:
+            out.problems.append(f"sockets not bound to 127.0.0.1: {wide}")
+        out.listening = len(_listening(_tree(job.pid)))
         t0 = time.monotonic()
         victim.send_signal(signal.SIGKILL)
         if case.victim == "launcher":
@@ -273,14 +280,15 @@ def run_case(case: Case, ds: Path, work: Path, kill_after_step: int = 4, timeout
 
 
 def table(outcomes: list[Outcome]) -> str:
-    rows = ["| killed | mode | what happened | s to stop | resumed steps (uninterrupted) | max param diff | MLflow | verdict |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| killed | mode | sockets (all 127.0.0.1) | what happened | s to stop | resumed steps (uninterrupted) | "
+            "max param diff | MLflow | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         what = "job went on" if o.went_on else (o.line[:90].replace("|", "/") or "-")
         stop = "-" if o.went_on else f"{o.stop_s:.1f}"
         steps = f"{o.steps} (job finished)" if o.went_on else f"{o.resumed_steps} ({o.reference_steps})"
         diff = "-" if o.max_diff != o.max_diff else f"{o.max_diff:.1e}"
-        rows.append(f"| {o.case.victim} | {o.case.mode}{' +images' if o.case.features != 'ids' else ''} | {what} | "
+        rows.append(f"| {o.case.victim} | {o.case.mode}{' +images' if o.case.features != 'ids' else ''} | "
+                    f"{o.listening} | {what} | "
                     f"{stop} | {steps} | {diff} | {o.mlflow_status} | {'ok' if not o.problems else 'MISS'} |")
     return "\n".join(rows)
 

@@ -56,6 +56,16 @@ def test_a_worker_that_dies_holding_a_token_loses_no_batch():
     again = book.request(0, "w0", 0.0, None, 0)
     assert again["id"] == held[2] and again["batch"] == 0 and again["slice"] == held[2] % 3
     assert book.request(1, "w1", 0.0, None, 0)["id"] == 3  # then the next batch, as before
+    # At the end of the data a worker is told "done" only once no token is out: worker 1 dies holding
+    # the last one, and the others wait until it is found lost and its token handed out again.
+    book.start(step=0, first_batch=0, end_batch=1, n=3, max_staleness=-1, straggler=(-1, 0.0, 1.0))
+    last = [book.request(r, f"w{r}", 0.0, None, 0)["id"] for r in range(3)]
+    assert book.request(0, "w0", 0.0, None, 0, wait_s=0.05)["kind"] == "wait"  # workers 1 and 2 hold tokens
+    book.request(2, "w2", 0.0, None, 0, wait_s=0.05)
+    book.mark_lost(1)
+    assert book.request(0, "w0", 0.0, None, 0)["id"] == last[1]
+    assert book.request(2, "w2", 0.0, None, 0, wait_s=0.05)["kind"] == "wait"  # worker 0 holds it now
+    assert book.request(0, "w0", 0.0, None, 0)["kind"] == "done"
 
 
 @settings(max_examples=200, deadline=None)

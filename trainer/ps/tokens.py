@@ -103,6 +103,7 @@ class TokenBook:
         with self.cond:
             w = self.workers.setdefault(rank, WorkerView())
             w.name, w.last_seen, w.holding = name, time.monotonic(), None
+            self.cond.notify_all()  # a worker waiting for the last tokens to come back
             if loss is not None:
                 w.step_s, w.steps, w.samples = step_s, w.steps + 1, w.samples + samples
                 w.loss_sum, w.loss_n = w.loss_sum + loss, w.loss_n + 1
@@ -110,8 +111,10 @@ class TokenBook:
             def ready() -> bool:
                 if self.reissue and self.active:
                     return True
-                if self._commanded() or not self.active or self.next_id >= self.end_id:
+                if self._commanded() or not self.active:
                     return True
+                if self.next_id >= self.end_id:  # "done" once no token is out: one held by a worker that
+                    return not self._out(rank)  # died comes back to be handed out again (mark_lost)
                 return may_issue(self.next_id // self.n - self.batch_offset, self.shard.step, self.max_staleness)
 
             deadline = time.monotonic() + wait_s
@@ -129,6 +132,10 @@ class TokenBook:
                 return {"kind": "done", "batch": -(-self.next_id // self.n)}
             self.next_id += 1
             return self._issue(self.next_id - 1, rank, w)
+
+    def _out(self, rank: int) -> bool:
+        """Lock held: does a worker other than `rank` hold a token (its gradient may still be missing)?"""
+        return any(v.holding is not None for r, v in self.workers.items() if r != rank)
 
     def _issue(self, tok: int, rank: int, w: WorkerView) -> dict[str, Any]:
         """Lock held: hand token `tok` to worker `rank`."""
