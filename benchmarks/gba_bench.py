@@ -22,8 +22,8 @@ mode switches of the first seed. `--only ar gba "gba img-decay 1"` adds a row be
 the image service's pushes never decayed (`--image-gba-decay 1`; the shards still decay theirs).
 Then the noise floor: how far ar's AUC moves between seeds, and between runs of the same seed (ar's
 arithmetic ignores the straggler, so those should be 0: before the image service's fixed embedding
-blocks (2026-12-07) they moved by sd 0.004 at 5 epochs; docs/DISTRIBUTED.md `--mode ar` says what is
-still unexplained).
+blocks (2026-12-07) they moved by sd 0.004 at 5 epochs; benchmarks/results/distributed_history.md
+("AR's run-to-run reproducibility") says what is still unexplained).
 
 Targets (exit 1 on a miss, after the table), on the means: at the largest factor, when it is 4x or
 more, GBA's samples/s >= 2.4 x AR's; at every factor GBA's test AUC within 0.002 of AR's and not
@@ -142,7 +142,8 @@ def main() -> int:
             plan += [("ar->gba", ["--mode", "ar", "--switch-at", f"{steps // 2}:gba"]), ("auto", ["--mode", "auto"])]
             if args.only and "gba img-decay 1" in args.only:
                 # Not a target row, and only on request: GBA with the image service's pushes never decayed
-                # (the shards still decay theirs); docs/DISTRIBUTED.md says why it was measured.
+                # (the shards still decay theirs); benchmarks/results/distributed_history.md ("The 4x AUC
+                # gap, looked at again") says why it was measured.
                 plan.append(("gba img-decay 1", ["--mode", "gba", "--image-gba-decay", "1"]))
         plans += [(mode, factor, extra) for mode, extra in plan if not args.only or mode in args.only]
     for seed in args.seeds:  # seed-major: a run cut short still has whole seeds to compare
@@ -181,8 +182,9 @@ def main() -> int:
               f"{'-' if pace is None else f'{pace:.2f}'} | {sw} |")
     if len(seeds) > 1:
         # ar's arithmetic does not depend on the straggler, so its runs at one seed should agree exactly
-        # (a difference here is AR's own run-to-run noise: docs/DISTRIBUTED.md, --mode ar, says what
-        # was fixed and what is unexplained). Across seeds they differ by everything a seed draws.
+        # (a difference here is AR's own run-to-run noise: benchmarks/results/distributed_history.md,
+        # "AR's run-to-run reproducibility", says what was fixed and what is unexplained). Across seeds
+        # they differ by everything a seed draws.
         per_seed = [statistics.fmean(results[("ar", f, s)]["test_auc"] for f in args.factors) for s in seeds]
         same_seed = max(max(results[("ar", f, s)]["test_auc"] for f in args.factors)
                         - min(results[("ar", f, s)]["test_auc"] for f in args.factors) for s in seeds)
