@@ -154,3 +154,29 @@ def test_bad_dataset_is_refused_before_training(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vitrine", "train", "--dataset", str(tmp_path / "nope"), "--no-track"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and str(tmp_path / "nope") in done.stderr
+
+
+def test_run_directories_are_unique_held_while_a_job_runs_and_gone_when_a_start_fails(world_dataset, tmp_path):
+    """Two jobs with the same settings in the same second get two run directories; a second job in a
+    directory another job holds is refused; a start that fails before its first checkpoint (here: an
+    image service that does not answer) says so in one line and leaves no directory behind."""
+    from conftest import ROOT
+    from trainer.train import claim_run_dir, new_run_name
+    from vitrine.errors import UserError
+
+    cfg = TrainConfig(dataset=str(world_dataset))
+    assert len({new_run_name(cfg) for _ in range(20)}) == 20
+    held = tmp_path / "held"
+    with claim_run_dir(held, None):
+        with pytest.raises(UserError, match="another job is running"):
+            with claim_run_dir(held, None):
+                pass
+    root = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VITRINE_DATA": str(root)}
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "vitrine", "train", "--dataset", str(world_dataset), "--no-track",
+                           "--no-progress", "--image-service", "127.0.0.1:1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert "no image service answers at 127.0.0.1:1" in done.stderr and time.monotonic() - t0 < 30
+    assert not (root / "runs").exists() or not any((root / "runs").iterdir())

@@ -409,8 +409,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         st = None
         cfg.check()
-        name = (f"dicm-{cfg.features}-{cfg.aggregator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-                f"-{secrets.token_hex(2)}")
+        name = new_run_name(cfg)
         run_dir = _run_dir(cfg, name)
     ctx = allreduce.from_env() if cfg.mode != "single" else None
     if ctx is not None:  # a worker: the launcher (ours or torchrun) made the directory
@@ -420,7 +419,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise UserError(f"WORLD_SIZE={ctx.world} but --workers {cfg.workers}; give every rank the same --workers")
         run_dir.mkdir(parents=True, exist_ok=True)
         return _worker(cfg, ctx, st, run_dir, name)
-    with _claim(run_dir, st):
+    with claim_run_dir(run_dir, st):
         if cfg.mode != "single":
             # The launcher: start the workers (and the image service) and wait for them.
             from trainer.distributed.launch import launch
@@ -429,8 +428,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return _worker(cfg, None, st, run_dir, name)
 
 
+def new_run_name(cfg: TrainConfig) -> str:
+    """What the job is, when it started, and a random part: two jobs with the same settings started in
+    the same second do not share a run directory."""
+    return f"dicm-{cfg.features}-{cfg.aggregator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
 @contextlib.contextmanager
-def _claim(run_dir: Path, st: dict[str, Any] | None):
+def claim_run_dir(run_dir: Path, st: dict[str, Any] | None):
     """Hold the run directory for this job: refuse one that holds another run or that another job
     holds (a lock that dies with its process), and remove it if this job created it and failed before
     its first checkpoint."""
