@@ -200,10 +200,7 @@ def run_case(case: Case, ds: Path, work: Path, kill_after_step: int = 4, timeout
         out.listening = len(_listening(_tree(job.pid)))
         t0 = time.monotonic()
         victim.send_signal(signal.SIGKILL)
-        if case.victim == "launcher":
-            text = job.communicate(timeout=timeout_s)[0]
-        else:
-            text = job.communicate(timeout=timeout_s)[0]
+        text = job.communicate(timeout=timeout_s)[0]
         gone, alive = psutil.wait_procs(procs, timeout=max(STOP_LIMIT_S * 3 - (time.monotonic() - t0), 0.1))
         out.stop_s = time.monotonic() - t0
         out.left = [f"pid {p.pid} {' '.join(p.cmdline())[:80]}" for p in alive if p.is_running()]

@@ -22,9 +22,6 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-PS_MODES = ("async", "gba")
-
-
 @dataclass(frozen=True)
 class Decision:
     to: str  # "ar" | "async" | "gba"

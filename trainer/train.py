@@ -350,8 +350,7 @@ class Trainer:
             "scheduler": self.sched.state_dict(),
             "service": self.service.state_dict() if self.service is not None else None,
             "rng": torch.get_rng_state(), "config": asdict(self.cfg), "run_id": self.run_id,
-            "history": self.history, "phase": self.phase, "auto": self.policy.auto, "switches": self.switches,
-            "policy": self.policy.state(),
+            "history": self.history, "phase": self.phase, "policy": self.policy.state(), "switches": self.switches,
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
@@ -364,7 +363,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         if self.ctx is not None and st.get("phase") in ("ar", *PS_MODES):
             self.phase = st["phase"] if self.ps is not None or st["phase"] == "ar" else "ar"
-            self.policy.load({"auto": st.get("auto", self.policy.auto), **st.get("policy", {})})
+            # Checkpoints from before the switching policy kept only its auto flag.
+            self.policy.load(st.get("policy", {"auto": st.get("auto", self.policy.auto)}))
             self.switches = [tuple(x) for x in st.get("switches", [])]
         self.run_id = st.get("run_id")
         self.history = st.get("history", [])

@@ -9,8 +9,8 @@ the RPC group's address and the service's address. The run directory records the
 gave it (`spawn`, `local`), never the port of a process that is gone, so `--resume` starts a new one.
 
 The failure model (docs/DISTRIBUTED.md, "Failure model"): the launcher watches every process of the
-job. In the PS modes a worker other than the coordinator may die and the job goes on without it (its
-token is lost). Any other death (the coordinator, an AR worker, a PS shard, the image service) stops
+job. In the PS modes a worker other than the coordinator may die and the job goes on without it (the
+token it held goes to another worker). Any other death (the coordinator, an AR worker, a PS shard, the image service) stops
 the job at once: every other process is killed, the MLflow run is marked FAILED, and one line names
 what died and how to continue. A killed launcher takes the job down too: the shards and the service
 exit with their parent, the workers' watchdog (`trainer.watchdog`) ends them and the coordinator
@@ -175,11 +175,13 @@ def _watch(workers: list[_Member], helpers: list[_Member], poll_s: float = 0.1) 
     """Until every worker has exited: the first fatal death (member, exit code), or None. A helper
     (shard, service) that dies while workers run is fatal; so is a worker that fails, unless it is
     tolerated. Helpers are checked first: a worker that fails because a shard died is not the cause."""
+    def dead_helper() -> tuple[_Member, int] | None:
+        return next(((h, h.proc.returncode) for h in helpers if h.proc.poll() is not None), None)
+
     reported: set[int] = set()
     while any(w.proc.poll() is None for w in workers):
-        for h in helpers:
-            if h.proc.poll() is not None:
-                return h, h.proc.returncode
+        if (dead := dead_helper()) is not None:
+            return dead
         for i, w in enumerate(workers):
             code = w.proc.poll()
             if code in (None, 0) or i in reported:
@@ -190,14 +192,8 @@ def _watch(workers: list[_Member], helpers: list[_Member], poll_s: float = 0.1) 
                       flush=True)
                 continue
             time.sleep(0.5)  # a worker often fails because a helper just died: name the cause
-            for h in helpers:
-                if h.proc.poll() is not None:
-                    return h, h.proc.returncode
-            return w, code
+            return dead_helper() or (w, code)
         time.sleep(poll_s)
-    coordinator = workers[0]
-    if coordinator.proc.returncode != 0:
-        return coordinator, coordinator.proc.returncode
     return next(((w, w.proc.returncode) for w in workers if w.proc.returncode != 0 and not w.tolerated), None)
 
 
