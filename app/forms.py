@@ -7,7 +7,10 @@ before launch (a form that cannot round-trip is a bug, not a launch). Checks run
 each message attached to the field it is about:
 
 1. parsing the text a user typed (a number where a number is due, sizes as lists, ...);
-2. the config's own `check()` (for the world, the generator's own validation);
+2. the config's own `problems()`, the checks its command runs itself (`vitrine train` and `vitrine
+   pipeline` exit 2 naming the first; for the world, the generator's own validation), and every
+   path inside the data root (`vitrine.paths.check_inside`: no `..`, nothing the dashboard's user
+   could read or write elsewhere);
 3. what only exists at launch time: paths that must exist (a raw source, a processed dataset, a
    checkpoint) or must not (an output without `overwrite`), and the source / dataset readers' own
    checks, run without reading any rows.
@@ -251,25 +254,43 @@ PATH_FIELDS = {
 }
 
 
-def check(spec: FormSpec, values: dict[str, Any], cwd: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """Layers 2 and 3: returns the values with paths made absolute, and errors by field."""
+def _problems(command: str, cfg: Any) -> list[UserError]:
+    """The config's own checks, the very ones its command runs (`vitrine train` and `vitrine pipeline`
+    exit 2 with the first of them; the form shows each under its field)."""
+    if command == "generate":
+        from pipeline.synth.world import _validate  # the generator's own checks (WorldConfig has no check())
+
+        try:
+            _validate(cfg)
+        except UserError as exc:
+            return [exc]
+        return []
+    return list(cfg.problems())
+
+
+def check(spec: FormSpec, values: dict[str, Any], cwd: Path,
+          data_root: Path | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Layers 2 and 3: returns the values with paths made absolute, and errors by field. Every path
+    must lie inside `data_root` (the dashboard's; default `vitrine.paths.data_root()`)."""
+    from vitrine.paths import check_inside, data_root as default_root
+
     command = spec.command
+    root = data_root or default_root()
     values = dict(values)
+    errors: dict[str, str] = {}
+    for name in PATH_FIELDS[command]:
+        try:
+            check_inside(values.get(name), root, f"--{name.replace('_', '-')}", cwd)
+        except UserError as exc:
+            errors[name] = f"{name.replace('_', ' ')}: {exc}"
+            values[name] = None  # never looked at, nor passed on
     for name in PATH_FIELDS[command]:
         values[name] = _abs(values.get(name), cwd)
-    errors: dict[str, str] = {}
     cfg_values = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(_config_class(command))}}
     cfg = _config_class(command)(**cfg_values)
-    try:
-        if command == "generate":
-            from pipeline.synth.world import _validate  # the generator's own checks (WorldConfig has no check())
-
-            _validate(cfg)
-        else:
-            cfg.check()
-    except UserError as exc:
+    for exc in _problems(command, cfg):
         k, msg = _attach(spec, exc)
-        errors[k] = msg
+        errors.setdefault(k, msg)
 
     def exists_error(name: str, what: str) -> None:
         p = values.get(name)
@@ -301,7 +322,9 @@ def check(spec: FormSpec, values: dict[str, Any], cwd: Path) -> tuple[dict[str, 
                                  among=("source", "map", "impressions", "items", "users", "images"))
                 errors.setdefault(k, msg)
     elif command == "train":
-        if values.get("resume"):
+        if "dataset" in errors or "resume" in errors:
+            pass  # a path refused above is not looked at
+        elif values.get("resume"):
             if not (Path(values["resume"]) / "checkpoint.pt").is_file():
                 errors["resume"] = f"resume: {values['resume']} holds no checkpoint.pt (not a run directory)"
         else:

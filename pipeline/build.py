@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -41,6 +42,8 @@ from vitrine.jobs import report_progress
 FORMAT_VERSION = 1
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
+LOOKUP_ITEMS = "lookup/items.parquet"
+LOOKUP_USERS = "lookup/users.parquet"
 SPLITS = ("train", "valid", "test")
 AMS_BATCH = 1024  # batch size at which the per-batch image dedup ratio is reported
 AMS_SAMPLE_BATCHES = 8  # batches per partition it is measured on (a statistic, not worth a full pass)
@@ -97,8 +100,14 @@ def _image_keys(spec: SourceSpec) -> pd.Index:
     """Every distinct image path of the item table, sorted: store row i + 1 holds key i."""
     if spec.items is None or spec.images_dir is None or "image" not in spec.items.columns:
         return pd.Index([])
-    keys = _read_small_table(spec, spec.items, ["image"])["image"].astype("string")
+    keys = _image_column(_read_small_table(spec, spec.items, ["image"])["image"])
     return pd.Index(keys.dropna().unique()).sort_values()
+
+
+def _image_column(values: pd.Series) -> pd.Series:
+    """Image paths as text; a blank one is no image (as a null is)."""
+    keys = values.astype("string")
+    return keys.where(keys.str.strip() != "")
 
 
 def _start_images(spec: SourceSpec, cfg: PipelineConfig, tmp: Path, client, image_keys: pd.Index) -> list:
@@ -115,16 +124,29 @@ def _start_images(spec: SourceSpec, cfg: PipelineConfig, tmp: Path, client, imag
     return tasks
 
 
-def _summarize_partition(df: pd.DataFrame) -> dict:
-    """What the driver needs to split by time and build vocabularies: counts per (id, day)."""
-    day = df["timestamp"] // DAY_MS
-    hour = (df["timestamp"] // HOUR_MS) % 24
+def _time_summary(df: pd.DataFrame) -> dict:
+    """Rows and clicks, and rows per UTC day (where a split by days or by fraction falls)."""
+    return {"rows": len(df), "positives": int(df["label"].sum()),
+            "days": (df["timestamp"] // DAY_MS).rename("day").value_counts()}
+
+
+def _timestamp_counts(df: pd.DataFrame, lo: int, hi: int) -> pd.Series:
+    """Rows per timestamp in [lo, hi): the day(s) a split by fraction falls in, to the millisecond."""
+    ts = df["timestamp"]
+    return ts[(ts >= lo) & (ts < hi)].value_counts()
+
+
+def _summarize_partition(df: pd.DataFrame, valid_start: int, test_start: int) -> dict:
+    """What the driver needs for the vocabularies: counts per (id, in train), and rows per split."""
+    ts = df["timestamp"]
+    train = (ts < valid_start).rename("train")
+    hour = ((ts // HOUR_MS) % 24).rename("hour")
     return {
-        "rows": len(df),
-        "positives": int(df["label"].sum()),
-        "item_day": df.groupby([df["item"], day.rename("day")]).size(),
-        "user_day": df.groupby([df["user"], day.rename("day")]).size(),
-        "hour_day": df.groupby([hour.rename("hour"), day.rename("day")]).size(),
+        "split_rows": [int(train.sum()), int(((ts >= valid_start) & (ts < test_start)).sum()),
+                       int((ts >= test_start).sum())],
+        "item": df.groupby([df["item"], train]).size(),
+        "user": df.groupby([df["user"], train]).size(),
+        "hour": df.groupby([hour, train]).size(),
     }
 
 
@@ -299,6 +321,87 @@ def _batch_dedup(ad_image: np.ndarray, offsets: np.ndarray, hist_image: np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------
+# The split (docs/DATA.md, "Splits")
+
+TINY_SPLIT_ROWS = 1000  # a valid or test split below this many rows, or below TINY_SPLIT_SHARE of the
+TINY_SPLIT_SHARE = 0.01  # rows, gets a warning: its AUC is too noisy to compare models by
+
+
+def rank_timestamp(day_rows: pd.Series, rank: int, day_timestamps) -> int:
+    """The timestamp of the row at 0-based `rank` in time order. `day_rows` is rows per UTC day
+    (sorted); `day_timestamps(lo, hi)` returns rows per timestamp in [lo, hi) (sorted or not)."""
+    cum = day_rows.cumsum().to_numpy()
+    i = int(np.searchsorted(cum, rank, side="right"))
+    day = int(day_rows.index[i])
+    before = int(cum[i - 1]) if i else 0
+    per_ts = day_timestamps(day * DAY_MS, (day + 1) * DAY_MS).sort_index()
+    j = int(np.searchsorted(per_ts.cumsum().to_numpy(), rank - before, side="right"))
+    return int(per_ts.index[j])
+
+
+def split_bounds(cfg: PipelineConfig, day_rows: pd.Series, client=None, part_futures=None,
+                 day_timestamps=None) -> tuple[int, int]:
+    """(valid_start, test_start) in unix ms: train is before valid_start, valid before test_start, test
+    from it on. Rows sharing a timestamp are never split apart. `day_rows` is rows per UTC day."""
+    kind, valid, test = cfg.split_rule()
+    if kind == "days":
+        last_day = int(day_rows.index.max())
+        test_start = (last_day + 1) * DAY_MS - int(round(test * DAY_MS))
+        valid_start = test_start - int(round(valid * DAY_MS))
+    elif kind == "time":
+        valid_start, test_start = int(valid), int(test)
+    else:
+        if day_timestamps is None:
+            def day_timestamps(lo: int, hi: int) -> pd.Series:
+                parts = client.gather(client.map(_timestamp_counts, part_futures, lo=lo, hi=hi))
+                return pd.concat(parts).groupby(level=0).sum()
+        n = int(day_rows.sum())
+        k_test = max(1, int(round(n * test)))
+        k_valid = int(round(n * valid)) if valid else 0
+        if k_test + k_valid >= n:
+            raise UserError(f"--valid-frac {valid} and --test-frac {test} leave no rows of the {n} to train on")
+        test_start = rank_timestamp(day_rows, n - k_test, day_timestamps)
+        valid_start = rank_timestamp(day_rows, n - k_test - k_valid, day_timestamps) if k_valid else test_start
+    return valid_start, test_start
+
+
+def _split_text(cfg: PipelineConfig) -> str:
+    kind, valid, test = cfg.split_rule()
+    if kind == "days":
+        return f"days: test = the last {test:g} UTC days of the log, valid = the {valid:g} days before"
+    if kind == "frac":
+        return f"share of rows in time order: test = the latest {test:g}, valid = the {valid:g} before"
+    return f"time: valid from {_iso(int(valid))}, test from {_iso(int(test))}"
+
+
+def split_warnings(cfg: PipelineConfig, split_rows: dict[str, int], day_rows: pd.Series) -> list[str]:
+    """A line per valid / test split too small to compare models by (and the error for no train rows)."""
+    n = sum(split_rows.values())
+    kind, valid, test = cfg.split_rule()
+    if split_rows["train"] == 0:
+        what = {"days": f"--valid-days {valid:g} and --test-days {test:g}",
+                "time": f"--valid-from {cfg.valid_from or cfg.test_from} and --test-from {cfg.test_from}",
+                "frac": f"--valid-frac {valid:g} and --test-frac {test:g}"}[kind]
+        first_day, last_day = int(day_rows.index.min()), int(day_rows.index.max())
+        raise UserError(f"the log spans {last_day - first_day + 1} calendar days ({_iso(first_day * DAY_MS)[:10]} to "
+                        f"{_iso(last_day * DAY_MS)[:10]}, UTC), too few for {what} with training rows before them "
+                        f"({split_rows['valid']} valid and {split_rows['test']} test rows of {n}); lower them, or "
+                        "split by share of the rows (--valid-frac 0.1 --test-frac 0.1)")
+    out = []
+    for name in ("valid", "test"):
+        k = split_rows[name]
+        if name == "valid" and k == 0:
+            continue  # asked for: no valid split (--valid-days 0, --valid-frac 0 or no --valid-from)
+        if k < TINY_SPLIT_ROWS or k < TINY_SPLIT_SHARE * n:
+            hint = {"days": "--valid-days/--test-days", "time": "--valid-from/--test-from",
+                    "frac": "--valid-frac/--test-frac"}[kind]
+            out.append(f"the {name} split has only {k} rows ({100 * k / max(n, 1):.2f}% of {n}): its metrics will "
+                       f"be noisy; widen it with {hint}, or split by share of the rows (--valid-frac 0.1 "
+                       "--test-frac 0.1)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -404,16 +507,15 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
         dask_progress(good)
         print(flush=True)
 
-    # 2. time split and ID counts, in one pass over the persisted rows ----------------------
+    # 2. time split and ID counts, over the persisted rows ----------------------------------
     stage(2, "count", "splitting by time and counting IDs")
     # Per-partition summaries reduced on the driver: far cheaper than dask.dataframe groupbys for
-    # these small results (measured: 0.2 s against 1.2 s at 1M rows).
+    # these small results (measured: 0.2 s against 1.2 s at 1M rows). First rows per day (where the
+    # split falls), then, once the split is known, the train-split counts per ID.
     part_futures = client.compute(good.to_delayed())
-    summaries = client.gather(client.map(_summarize_partition, part_futures))
-    good_lens = [s["rows"] for s in summaries]
+    summaries = client.gather(client.map(_time_summary, part_futures))
+    good_lens = [int(s["rows"]) for s in summaries]
     n_pos = sum(s["positives"] for s in summaries)
-    item_day, user_day, hour_day = (_sum_counts([s[k] for s in summaries]) for k in ("item_day", "user_day", "hour_day"))
-    good_lens = [int(x) for x in good_lens]
     bad_lens = [_quarantined_rows(qdir, i) for i in range(len(good_lens))]
     offsets = np.concatenate([[0], np.cumsum(np.add(good_lens, bad_lens))[:-1]]).astype(np.int64)
     rows_in = int(sum(good_lens) + sum(bad_lens))
@@ -425,26 +527,27 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
         part_futures = client.map(_globalise_ids, part_futures, range(len(part_futures)), offsets=offsets)
     if rows_ok == 0:
         raise UserError(f"every row of {spec.impressions.path} was quarantined; see {out}/quarantine after fixing the columns")
-    days = user_day.index.get_level_values("day")
-    first_day, last_day = int(days.min()), int(days.max())
-    test_start = (last_day - cfg.test_days + 1) * DAY_MS
-    valid_start = test_start - cfg.valid_days * DAY_MS
-    if valid_start // DAY_MS <= first_day:
-        raise UserError(
-            f"the log spans {last_day - first_day + 1} calendar days, too few for --valid-days {cfg.valid_days} "
-            f"and --test-days {cfg.test_days} with training days before them; lower them or add data"
-        )
-    valid_day = valid_start // DAY_MS
+    day_rows = pd.concat([s["days"] for s in summaries]).groupby(level=0).sum().sort_index()
+    valid_start, test_start = split_bounds(cfg, day_rows, client, part_futures)
+    counts = client.gather(client.map(_summarize_partition, part_futures, valid_start=valid_start, test_start=test_start))
+    split_rows = {name: int(sum(c["split_rows"][i] for c in counts)) for i, name in enumerate(SPLITS)}
+    warnings = split_warnings(cfg, split_rows, day_rows)
+    if not n_images and spec.images_dir is not None and spec.items is not None and "image" in spec.items.columns:
+        warnings.append(f"no item of {spec.items.path} names an image (the column "
+                        f"{spec.items.columns['image']!r} is empty): the dataset has no images, train it with "
+                        "--features ids")
+    for w in warnings:
+        print(f"vitrine pipeline: warning: {w}", file=sys.stderr, flush=True)
+    item_s, user_s, hour_s = (_sum_counts([c[k] for c in counts]) for k in ("item", "user", "hour"))
 
-    def train_counts(by_day: pd.Series) -> pd.Series:
-        in_train = by_day.index.get_level_values("day") < valid_day
-        return by_day[in_train].groupby(level=0).sum()
+    def train_counts(by_split: pd.Series) -> pd.Series:
+        return by_split[by_split.index.get_level_values("train")].groupby(level=0).sum()
 
-    item_all = item_day.groupby(level=0).sum()
-    item_train = train_counts(item_day)
-    user_train = train_counts(user_day)
-    hour_train = train_counts(hour_day)
-    user_keys = pd.Index(user_day.index.get_level_values(0).unique())
+    item_all = item_s.groupby(level=0).sum()
+    item_train = train_counts(item_s)
+    user_train = train_counts(user_s)
+    hour_train = train_counts(hour_s)
+    user_keys = pd.Index(user_s.index.get_level_values(0).unique())
 
     # 3. vocabularies and lookup tables ---------------------------------------------------
     stage(3, "vocab", "building vocabularies")
@@ -476,8 +579,8 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
             counts = train_counts.groupby(attrs[name].to_numpy()).sum()
             vocabs[name] = build_vocab(counts[counts > 0], cfg.min_count)
             item_table[name] = encode(attrs[name], vocabs[name])
-        if "image" in attrs.columns and spec.images_dir is not None:
-            keys = attrs["image"].astype("string")
+        if "image" in attrs.columns and spec.images_dir is not None and n_images:
+            keys = _image_column(attrs["image"])
             counts = train_counts.groupby(keys.to_numpy()).sum()
             vocabs["image_id"] = build_vocab(counts[counts > 0], cfg.min_count)
             item_table["image_id"] = encode(keys, vocabs["image_id"])
@@ -501,6 +604,11 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
 
     for name, frame in vocabs.items():
         frame.to_parquet(tmp / "vocab" / f"{name}.parquet", index=False)
+    # Raw ID -> encoded attributes of every item and user: a scoring service maps the raw IDs of a
+    # request (and its behaviour items) with these, as the shards were built (docs/DATA.md).
+    (tmp / "lookup").mkdir(exist_ok=True)
+    item_table.rename_axis("id").reset_index().to_parquet(tmp / LOOKUP_ITEMS, index=False)
+    user_table.drop(columns="group_id").rename_axis("id").reset_index().to_parquet(tmp / LOOKUP_USERS, index=False)
 
     # 4. histories + shards, and the image store, in one computation ------------------------
     stage(4, "shards_and_images", f"building behaviour sequences and shards; finishing {n_images} images")
@@ -599,7 +707,8 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
         "fields": fields,
         "label": "label",
         "splits": splits,
-        "split_bounds": {"valid_start": _iso(valid_start), "test_start": _iso(test_start)},
+        "split_bounds": {"rule": _split_text(cfg), "valid_start": _iso(valid_start), "test_start": _iso(test_start)},
+        "warnings": warnings,
         "images": image_info,
         "behavior_images": images_summary,
         "frequency": {name: frequency_summary(v) for name, v in vocabs.items()},
@@ -615,6 +724,7 @@ def _run(cfg: PipelineConfig, spec: SourceSpec, out: Path, tmp: Path, client, ru
             "cold_items": int(item_table["cold"].sum()),
         },
         "oracle": oracle,
+        "lookup": {"items": LOOKUP_ITEMS, "users": LOOKUP_USERS},
         "mlflow_run_id": run.run_id if run is not None else None,
     }
     stage.stop()

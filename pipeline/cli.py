@@ -49,6 +49,7 @@ def summarize(m: dict) -> str:
     lines = [
         f"dataset   {Path(m['config']['out']).resolve()}",
         f"rows      {c['rows_in']} in, {c['rows_out']} out, {c['quarantined']} quarantined {c['quarantine_reasons'] or ''}",
+        f"split     {(m.get('split_bounds') or {}).get('rule', '-')}",
         "splits    " + ", ".join(f"{k} {v['rows']} (ctr {v['positives'] / max(v['rows'], 1):.3f})" for k, v in m["splits"].items()),
     ]
     if m.get("images"):
@@ -58,6 +59,8 @@ def summarize(m: dict) -> str:
         lines.append(f"behaviour images: {b['behavior_image_occurrences']} occurrences of {b['behavior_unique_images']} unique; "
                      f"per batch of {b['batch_size']}: dedup x{b['batch_dedup_ratio']}")
     lines.append(f"time      {m['elapsed_s']} s ({m['events_per_s']:.0f} events/s)")
+    for w in m.get("warnings") or ():
+        lines.append(f"warning   {w}")
     if m.get("mlflow_run_id"):
         lines.append(f"mlflow    run {m['mlflow_run_id']} in experiment vitrine-pipeline")
     return "\n".join(lines)

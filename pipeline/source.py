@@ -178,6 +178,20 @@ def load_source(
             raise UserError(f"--map {m!r}: {table} has no field {logical!r}; fields: {', '.join(known[table])}")
         tables[table].columns[logical] = col  # type: ignore[union-attr]
 
+    # An empty column name says the table has no such column: `--map items.image=` (or `image = ""`
+    # in source.toml) is a catalogue without images, whatever [images] says.
+    no_images = False
+    keys = {"impressions": REQUIRED_IMPRESSION_FIELDS, "items": ("item",), "users": ("user",), "truth": TRUTH_FIELDS}
+    for tname, t in tables.items():
+        if t is None:
+            continue
+        for logical in [k for k, v in t.columns.items() if not str(v).strip()]:
+            if logical in keys[tname]:
+                raise UserError(f"{where}: {tname}.{logical} cannot be left without a column; map it to one")
+            no_images |= tname == "items" and logical == "image"
+            t.columns.pop(logical)
+    if no_images:
+        images_dir = None
     profile = tuple(us.extra.get("profile", ())) if us else ()
     attributes = it.extra.get("attributes", []) if it else []
     if not isinstance(attributes, list) or not all(isinstance(a, str) for a in attributes):
@@ -232,14 +246,17 @@ def check_source(spec: SourceSpec) -> None:
         cols = set(columns_of(files[0], fmt))
         wanted = dict(table.columns)
         optional = {"impression_id", "shop"} if name in ("impressions", "items") else set()
+        if name == "items" and spec.images_dir is None:
+            optional.add("image")  # without an image folder, a catalogue's images are not used
         for logical, col in wanted.items():
             if col not in cols:
                 if logical in optional:
                     table.columns.pop(logical)
                     continue
+                hint = " (or --map items.image= for a catalogue without images)" if logical == "image" else ""
                 raise UserError(
                     f"{files[0]}: column {col!r} for {name}.{logical} not found (columns: {', '.join(sorted(cols))}); "
-                    f"map it with --map {'' if name == 'impressions' else name + '.'}{logical}=COLUMN"
+                    f"map it with --map {'' if name == 'impressions' else name + '.'}{logical}=COLUMN{hint}"
                 )
         if name == "users":
             for prof in spec.user_profile:
@@ -252,6 +269,11 @@ def check_source(spec: SourceSpec) -> None:
                     raise UserError(f"{files[0]}: item attribute column {attr!r} not found (columns: {', '.join(sorted(cols))})")
                 if attr in mapped:
                     raise UserError(f"{files[0]}: item attribute {attr!r} is already mapped as an item field")
+    if spec.images_dir is not None and spec.items is not None and "image" in spec.items.columns \
+            and not spec.images_dir.is_dir():
+        raise UserError(f"images folder {spec.images_dir} does not exist (--images, or [images] dir in source.toml); "
+                        "fix the path, or say the catalogue has no images with --map items.image= (or leave out "
+                        "[images] and the items' image column)")
     missing = [f for f in REQUIRED_IMPRESSION_FIELDS if f not in spec.impressions.columns]
     if missing:
         raise UserError(f"impressions need columns for {', '.join(missing)}")

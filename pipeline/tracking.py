@@ -57,6 +57,8 @@ class PipelineRun:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self.client.log_dict(self.run_id, manifest, "manifest.json")
+        if manifest.get("warnings"):
+            self.client.set_tag(self.run_id, "vitrine.warnings", "\n".join(manifest["warnings"])[:4000])
         sheet = _contact_sheet(dataset_dir)
         if sheet is not None:
             self.client.log_artifact(self.run_id, str(sheet))
@@ -103,6 +105,9 @@ def pipeline_run(cfg, out: Path) -> Iterator[PipelineRun | None]:
         tags["vitrine.job_id"] = os.environ["VITRINE_JOB_ID"]  # links the run to its job (vitrine/jobs.py)
     run = client.create_run(exp_id, run_name=f"pipeline {out.name}", tags=tags)
     run_id = run.info.run_id
+    from vitrine import jobs
+
+    jobs.record_mlflow_run(run_id, uri)  # a killed job's run is ended by the registry (vitrine/jobs.py)
     params = as_params(cfg)
     client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
     try:

@@ -138,6 +138,40 @@ def _wait_status(job_id: str, want: set[str], timeout: float) -> str:
         time.sleep(0.2)
 
 
+def test_launch_refuses_bad_counts_and_paths_outside_the_data_root(site):
+    """What the issue tried: max steps -1 with a run dir named `...; touch pwned`, and Check with a run
+    dir in /etc. Each is refused under its field, with the command line's own message; nothing starts."""
+    from playwright.sync_api import expect
+
+    from vitrine import jobs
+
+    address, data_root, page = site
+    _open(page, address, "launch", "launch")
+    page.get_by_text("Train the DICM", exact=True).click()
+    page.get_by_role("textbox", name="dataset *", exact=True).wait_for()
+    _settle(page)
+    page.get_by_text(re.compile(r"^More settings")).click()
+    errors = page.locator("[data-testid=stAlertContentError]")
+    for button, fields, messages in [
+        ("Launch", {"max steps": "-1", "run dir": f"{data_root}/runs/x; touch pwned"},
+         ["--max-steps must be >= 0", "may hold only letters, digits"]),
+        ("Check", {"max steps": "-3", "epochs": "0", "workers": "0", "run dir": "/etc/vitrine-run"},
+         ["--max-steps must be >= 0", "--epochs must be >= 1", "--workers must be >= 1", "is outside the data root"]),
+        ("Check", {"max steps": "10", "epochs": "1", "workers": "1", "run dir": f"{data_root}/runs/../../x"},
+         ["'..' is not allowed"]),
+    ]:
+        for label, value in fields.items():
+            page.get_by_role("textbox", name=label, exact=True).fill(value)
+        page.get_by_role("button", name=button, exact=True).click()
+        expect(page.get_by_text("Nothing was launched")).to_be_visible()
+        _settle(page)
+        shown = " | ".join(errors.all_inner_texts()).replace("\u2265", ">=")  # Markdown shows >= as a sign
+        for m in messages:
+            assert m in shown, (m, shown.split(" | "))
+    assert jobs.list_jobs() == []
+    assert not (data_root / "runs").exists()
+
+
 def test_launch_watch_stop_and_every_page(site):
     from playwright.sync_api import expect
 

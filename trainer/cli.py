@@ -17,13 +17,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.train import TrainConfig, train
+    from trainer.config import TrainConfig
 
-    result = train(from_args(TrainConfig, args))
+    cfg = from_args(TrainConfig, args)
+    if not cfg.resume:
+        cfg.check()  # a bad setting exits 2 naming its flag, before torch is even imported
+        _check_features(cfg)
+    from trainer.train import train
+
+    result = train(cfg)
     # A worker of our launcher: the launcher reports. Under torchrun, rank 0 reports for the job.
     if not os.environ.get("VITRINE_LAUNCHED") and os.environ.get("RANK", "0") == "0":
         print(summarize(result))
     return 0
+
+
+def _check_features(cfg) -> None:
+    """Image features on a dataset without images: refused at once, naming the flag."""
+    if cfg.features == "ids":
+        return
+    import json
+    from pathlib import Path
+
+    from vitrine.errors import UserError
+
+    try:
+        manifest = json.loads((Path(cfg.dataset) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return  # the dataset's own checks explain what is wrong with it
+    if isinstance(manifest, dict) and not manifest.get("images"):
+        raise UserError(f"--features {cfg.features} needs item images, but the dataset {cfg.dataset} has none (its "
+                        "catalogue had no images); train it with --features ids")
 
 
 def summarize(r: dict) -> str:

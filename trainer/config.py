@@ -4,6 +4,7 @@ forms can read them without loading torch."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from vitrine.config import help_meta as _h
@@ -120,6 +121,8 @@ class RunSettings:
     checkpoint_every: int = field(default=500, metadata=_h("steps between checkpoints"))
     log_every: int = field(default=10, metadata=_h("steps between logged step metrics"))
     track: bool = field(default=True, metadata=_h("log the run to MLflow"))
+    model_name: str | None = field(default=None, metadata=_h(
+        "registered model the run's model becomes a version of (default vitrine-<dataset name>)"))
     progress: bool = field(default=True, metadata=_h("show a progress bar"))
 
     threads: int = field(default=0, metadata=_h("torch threads (0 = all cores)"))
@@ -154,55 +157,90 @@ class TrainConfig(RunSettings, PicassoSettings, GBASettings, ModelSettings, Dist
         return DescriptorConfig(trunk=self.trunk, weights=self.trunk_weights, out_dim=self.image_dim, lr=self.lr,
                                 optimizer=self.optimizer, seed=self.seed, dtype=self.dtype)
 
-    def check(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "log_every", "lr_decay_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number (got {self.lr})")
-        if not 0 <= self.id_dropout < 1:
-            raise UserError(f"--id-dropout must be in [0, 1) (got {self.id_dropout})")
-        if self.workers < 1 or self.global_batch < 0:
-            raise UserError(f"--workers must be >= 1 and --global-batch >= 0 (got {self.workers}, {self.global_batch})")
-        if self.mode == "single" and self.workers != 1:
-            raise UserError("--workers needs a multi-process --mode (ar, async, gba, auto); single mode is one process")
+    def problems(self) -> list[UserError]:
+        """Every bad setting, each a UserError naming its `--flag`: `vitrine train` exits 2 with the
+        first, the dashboard's Launch form shows each under its field (it also keeps every path inside
+        the data root, `vitrine.paths.check_inside`; a terminal user may write wherever they can)."""
+        from vitrine.paths import check_run_dir_name
+
+        out: list[UserError] = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                out.append(UserError(msg))
+
+        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "log_every", "lr_decay_steps",
+                     "embed_dim", "image_dim"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        need(self.max_steps >= 0, f"--max-steps must be >= 0 (0 = run all epochs; got {self.max_steps})")
+        for name in ("max_len", "shuffle_buffer", "threads"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        need(all(int(h) >= 1 for h in self.mlp), f"--mlp sizes must be >= 1 (got {' '.join(map(str, self.mlp))})")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
+        need(0 <= self.id_dropout < 1, f"--id-dropout must be in [0, 1) (got {self.id_dropout})")
+        need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
+        need(self.global_batch >= 0, f"--global-batch must be >= 0 (0 = batch_size x workers; got {self.global_batch})")
+        need(not (self.mode == "single" and self.workers > 1),
+             "--workers needs a multi-process --mode (ar, async, gba, auto); single mode is one process")
+        need(self.max_staleness >= -1, f"--max-staleness must be >= -1 (-1 = never hold back; got {self.max_staleness})")
+        need(not (self.features == "ids" and self.aggregator != "attentive"),
+             f"--aggregator {self.aggregator} aggregates behaviour images, which --features ids does not use; "
+             "leave --aggregator out or choose image features")
         for part in (self.switch_at or "").split(","):
             if not part.strip():
                 continue
             step, _, mode = part.strip().partition(":")
             if not step.isdigit() or mode not in ("ar", "async", "gba"):
-                raise UserError(f"--switch-at {self.switch_at!r}: expected STEP:MODE[,STEP:MODE] with MODE ar, async "
-                                f"or gba (e.g. 100:gba,200:ar)")
+                out.append(UserError(f"--switch-at {self.switch_at!r}: expected STEP:MODE[,STEP:MODE] with MODE ar, "
+                                     f"async or gba (e.g. 100:gba,200:ar)"))
+                break
             if self.mode == "single":
-                raise UserError("--switch-at needs a multi-process --mode")
-        if self.interleave < 0:
-            raise UserError(f"--interleave must be >= 0 (got {self.interleave})")
-        if not 0 <= self.cache_rows <= 1 or not 0 <= self.cache_images <= 1 or self.cache_staleness < 0:
-            raise UserError(f"--cache-rows and --cache-images must be in [0, 1] and --cache-staleness >= 0 (got "
-                            f"{self.cache_rows}, {self.cache_images}, {self.cache_staleness})")
-        if self.ps_shards < 1:
-            raise UserError(f"--ps-shards must be >= 1 (got {self.ps_shards})")
-        if self.gba_threshold < 0 or not 0 <= self.gba_decay <= 1:
-            raise UserError(f"--gba-threshold must be >= 0 and --gba-decay in [0, 1] (got {self.gba_threshold}, "
-                            f"{self.gba_decay})")
-        if (self.image_gba_threshold is not None and self.image_gba_threshold < 0) or (
-                self.image_gba_decay is not None and not 0 <= self.image_gba_decay <= 1):
-            raise UserError(f"--image-gba-threshold must be >= 0 and --image-gba-decay in [0, 1] (got "
-                            f"{self.image_gba_threshold}, {self.image_gba_decay})")
-        if not self.auto_ratio > 1 or self.auto_patience < 1:
-            raise UserError(f"--auto-ratio must be > 1 and --auto-patience >= 1 (got {self.auto_ratio}, "
-                            f"{self.auto_patience})")
-        if self.global_batch and self.global_batch < self.workers:
-            raise UserError(f"--global-batch {self.global_batch} gives some of the {self.workers} workers no samples")
-        if self.straggler:
-            if self.mode == "single":
-                raise UserError("--straggler slows one worker of a multi-process --mode (ar, async, gba, auto)")
-            from trainer.distributed.stragglers import Straggler
+                out.append(UserError("--switch-at needs a multi-process --mode"))
+                break
+        need(self.interleave >= 0, f"--interleave must be >= 0 (got {self.interleave})")
+        need(0 <= self.cache_rows <= 1 and 0 <= self.cache_images <= 1 and self.cache_staleness >= 0,
+             f"--cache-rows and --cache-images must be in [0, 1] and --cache-staleness >= 0 (got "
+             f"{self.cache_rows}, {self.cache_images}, {self.cache_staleness})")
+        need(self.ps_shards >= 1, f"--ps-shards must be >= 1 (got {self.ps_shards})")
+        need(self.gba_threshold >= 0 and 0 <= self.gba_decay <= 1,
+             f"--gba-threshold must be >= 0 and --gba-decay in [0, 1] (got {self.gba_threshold}, {self.gba_decay})")
+        need((self.image_gba_threshold is None or self.image_gba_threshold >= 0) and (
+            self.image_gba_decay is None or 0 <= self.image_gba_decay <= 1),
+            f"--image-gba-threshold must be >= 0 and --image-gba-decay in [0, 1] (got "
+            f"{self.image_gba_threshold}, {self.image_gba_decay})")
+        need(self.auto_ratio > 1 and self.auto_patience >= 1,
+             f"--auto-ratio must be > 1 and --auto-patience >= 1 (got {self.auto_ratio}, {self.auto_patience})")
+        need(not (self.global_batch and self.workers >= 1 and self.global_batch < self.workers),
+             f"--global-batch {self.global_batch} gives some of the {self.workers} workers no samples")
+        need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
+        need(self.model_name is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.model_name)),
+             f"--model-name {self.model_name!r}: letters, digits, '_', '.' and '-' only (at most 100, first a "
+             f"letter or digit)")
+        try:
+            if self.straggler:
+                if self.mode == "single":
+                    raise UserError("--straggler slows one worker of a multi-process --mode (ar, async, gba, auto)")
+                from trainer.distributed.stragglers import Straggler
 
-            Straggler.parse(self.straggler, self.workers)
-        if self.image_service not in ("local", "spawn"):
-            from image_service.client import parse_address
+                Straggler.parse(self.straggler, max(self.workers, 1))
+        except UserError as exc:
+            out.append(exc)
+        try:
+            if self.image_service not in ("local", "spawn"):
+                from image_service.client import parse_address
 
-            parse_address(self.image_service)
-        if not 0 < self.lr_decay <= 1:
-            raise UserError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
+                parse_address(self.image_service)
+        except UserError as exc:
+            out.append(exc)
+        if self.run_dir:
+            try:
+                check_run_dir_name(self.run_dir, "--run-dir")
+            except UserError as exc:
+                out.append(exc)
+        return out
+
+    def check(self) -> None:
+        """Raise the first of `problems()`."""
+        found = self.problems()
+        if found:
+            raise found[0]

@@ -10,6 +10,7 @@ Jobs must outlive the page that started them, and two browser tabs (or a restart
 | `log.txt` | the job (stdout + stderr) | only for jobs launched here; a CLI job logs to its terminal |
 | `exit_code` | the wrapper (launched jobs) or `vitrine.cli.main` (CLI jobs) | the exit status, once it ended |
 | `progress.json` | the job, through `report_progress` | done, total, and whatever the job adds |
+| `mlflow_run.json` | the job, through `record_mlflow_run` | its MLflow run id and tracking URI; `closed` once the registry ended a dead job's run |
 | `control.jsonl` | `vitrine.control.send` | commands to the job |
 
 A launched job runs under a small wrapper (`python -m vitrine.jobs _run JOB -- ARGV`) that is the
@@ -19,7 +20,12 @@ survives the dashboard. The job itself leads its own process group, so a stop re
 Status is derived, never stored: `running` (the recorded pid is alive with the recorded create time,
 so a recycled pid is not mistaken for the job), `finished` (exit 0), `failed` (non-zero exit),
 `stopped` (a stop was requested and the process is gone), `lost` (gone without an exit code, e.g.
-a CLI job killed with SIGKILL) and `unknown` (started on another host, no exit code yet).
+a CLI job killed with SIGKILL) and `unknown` (started on another host, no exit code yet). A finished
+job's progress reads done = total, whatever its last throttled report said.
+
+A job killed before it could close its MLflow run (SIGKILL, the machine's OOM killer) would leave the
+run RUNNING forever: when such a job is next seen (`vitrine job list`, the dashboard), the registry
+ends the run it recorded KILLED (killed, stopped or lost) or FAILED (a non-zero exit), once.
 
 This module is imported by `vitrine.cli.main` for every job, so it imports nothing heavy.
 """
@@ -212,7 +218,38 @@ def _load(d: Path) -> Job | None:
         pass
     job.progress = _read_json(d / "progress.json")
     job.status = _status(job)
+    if job.status == "finished" and job.progress and job.progress.get("total"):
+        # It ran to the end: its last report may have been throttled away (111/112 for a finished job).
+        job.progress = {**job.progress, "done": job.progress["total"]}
+    if job.status in ("failed", "stopped", "lost"):
+        _close_dead_run(job)
     return job
+
+
+def _close_dead_run(job: Job) -> None:
+    """End the MLflow run a dead job left RUNNING (KILLED, or FAILED for a non-zero exit), once."""
+    path = job.dir / RUN_FILE
+    rec = _read_json(path)
+    if not rec or rec.get("closed") or not rec.get("run_id"):
+        return
+    killed = job.status in ("stopped", "lost") or (job.exit_code is not None and job.exit_code < 0)
+    status = "KILLED" if killed else "FAILED"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(rec.get("tracking_uri") or None)
+        run = client.get_run(rec["run_id"])
+        ended = run.info.status
+        if ended == "RUNNING":
+            client.set_tag(rec["run_id"], "vitrine.error",
+                           f"the job's process ended ({job.status}) without closing this run; ended {status} by the "
+                           f"job registry (job {job.id})")
+            client.set_terminated(rec["run_id"], status)
+            ended = status
+    except Exception:  # noqa: BLE001 - the store may be unreachable now; try again next time
+        return
+    with _locked(job.dir):
+        _write_json(path, {**rec, "closed": ended, "closed_at": time.time()})
 
 
 def _reap() -> None:
@@ -335,6 +372,23 @@ def report_progress(done: int, total: int, **info: Any) -> None:
                 _write_json(d / "progress.json", {"done": int(done), "total": int(total), "time": time.time(), **info})
         except (OSError, UserError, TypeError, ValueError):
             pass
+
+
+RUN_FILE = "mlflow_run.json"
+
+
+def record_mlflow_run(run_id: str, tracking_uri: str) -> None:
+    """Note this job's MLflow run (when running as a job), so that the registry can end it should the
+    job die without closing it. Never raises."""
+    job_id = os.environ.get(ENV)
+    if not job_id:
+        return
+    try:
+        d = job_dir(job_id)
+        if d.is_dir():
+            _write_json(d / RUN_FILE, {"run_id": str(run_id), "tracking_uri": str(tracking_uri), "pid": os.getpid()})
+    except (OSError, UserError, TypeError, ValueError) as exc:
+        print(f"vitrine: warning: could not record the job's MLflow run: {exc}", file=sys.stderr)
 
 
 def set_capabilities(capabilities: list[str]) -> None:

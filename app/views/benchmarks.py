@@ -1,4 +1,6 @@
-"""Benchmarks: the latest result of each script in benchmarks/, as tables and charts.
+"""Benchmarks: the reference results shipped with the repository (dated Markdown logs in
+`benchmarks/results/`, each marked with its machine and date: `app/bench.py`), beside this machine's
+own results, the latest of each script in benchmarks/, as tables and charts.
 
 Each benchmark writes `benchmarks/results/NAME.json` in its own shape; this page reads any of them
 generically: `failures` (missed targets) first, top-level numbers as a summary, and every list of
@@ -16,7 +18,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import auth, settings, ui
+from app import auth, bench, settings, ui
 
 
 def _cell(v: Any) -> Any:
@@ -62,18 +64,32 @@ def _chart(name: str, frame: pd.DataFrame, key: str) -> None:
     st.altair_chart(chart.properties(height=260, title=f"{name}: {y}"), width="stretch")
 
 
-def render() -> None:
-    st.title("Benchmarks")
+def render_references() -> None:
+    refs = bench.references()
+    st.subheader("Reference results (shipped with the repository)")
+    if not refs:
+        st.info(f"No reference results in `{bench.reference_dir()}`.")
+        return
+    st.caption("Measured by the project on the machine and date each names; compare them with your own "
+               "results below only on a like machine.")
+    for r in refs:
+        with st.expander(f"{r.title} · {r.date} · {r.machine}"):
+            st.caption(f"`{r.path.name}` · date: {r.date} · machine: {r.machine}")
+            st.markdown(r.text)
+
+
+def render_local() -> None:
     folder = settings.bench_results_dir()
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    files = bench.local_results(folder)
+    st.subheader("This machine's results")
     if not files:
-        st.info(f"No benchmark results in `{folder}` yet. Run a script from `benchmarks/` (for example "
+        st.info(f"No local benchmark results in `{folder}` yet. Run a script from `benchmarks/` (for example "
                 f"`make bench`, or `.venv/bin/python benchmarks/dashboard_bench.py`); its table appears here.")
-        ui.ready("benchmarks")
         return
     for f in files:
-        st.subheader(f.stem)
-        st.caption(f"`{f}` · written {time.strftime('%Y-%m-%d %H:%M', time.localtime(f.stat().st_mtime))}")
+        st.markdown(f"#### {f.stem}")
+        st.caption(f"`{f}` · written {time.strftime('%Y-%m-%d %H:%M', time.localtime(f.stat().st_mtime))} on this "
+                   "machine")
         try:
             doc = json.loads(f.read_text())
         except ValueError as exc:
@@ -95,6 +111,12 @@ def render() -> None:
             st.markdown(f"**{name}**")
             st.dataframe(frame, hide_index=True)
             _chart(name, frame, f"{f.stem}.{name}")
+
+
+def render() -> None:
+    st.title("Benchmarks")
+    render_local()
+    render_references()
     ui.ready("benchmarks")
 
 
