@@ -1,10 +1,11 @@
 """A training run's logged model, for scoring sample impressions and mapping image embeddings.
 
-The model is logged in MLflow's `pt2` format, which loads as a traced `GraphModule`: it scores
-packed rows exactly like the trained `CTRPredictor`, but its submodules lose their `forward`. The
-image descriptor head is therefore rebuilt from the loaded weights (Linear layers with their
-PReLUs, the layout `image_service.descriptor.build_head` makes) and applied to the trunk features
-the model carries, giving every image's embedding without an image service.
+A run's model is a pyfunc model whose artifacts hold the trained `CTRPredictor`
+(`trainer.serving.load_predictor` gives it back; runs logged before that have MLflow's `pt2` format,
+a traced `GraphModule` whose submodules lose their `forward`). Either way the image descriptor head
+is rebuilt from the loaded weights (Linear layers with their PReLUs, the layout
+`image_service.descriptor.build_head` makes) and applied to the trunk features the model carries,
+giving every image's embedding without an image service.
 
 Torch and MLflow's model loading are imported only here, and only when a page asks for a model.
 """
@@ -34,13 +35,14 @@ def load(uri: str, run_id: str) -> tuple[Any, list[tuple[str, int]]]:
                         f"with --no-track")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
-    import mlflow.pytorch
+
+    from trainer.serving import load_predictor
 
     # `runs:/` resolves through the global tracking URI; set it for the load only.
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")  # an exported program: already in eval mode
+        model = load_predictor(f"runs:/{run_id}/model")  # the torch predictor, in eval mode
     finally:
         mlflow.set_tracking_uri(previous)
     return model, [(str(n), int(w)) for n, w in doc["layout"]]

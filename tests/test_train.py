@@ -96,7 +96,6 @@ def test_sigterm_stops_cleanly_after_a_checkpoint(world_dataset, tmp_path):
 
 
 def test_mlflow_run_holds_params_metrics_config_and_a_working_model(world_dataset, tmp_path):
-    import mlflow.pytorch
     from mlflow.models import get_model_info
     from mlflow.tracking import MlflowClient
 
@@ -104,7 +103,7 @@ def test_mlflow_run_holds_params_metrics_config_and_a_working_model(world_datase
     from trainer.data import BatchLoader, LoaderConfig
     from trainer.dataset import open_dataset
     from trainer.images import image_inputs
-    from trainer.serving import pack
+    from trainer.serving import load_predictor, pack
     from trainer.train import Trainer
     from vitrine import tracking
 
@@ -134,8 +133,10 @@ def test_mlflow_run_holds_params_metrics_config_and_a_working_model(world_datase
     layout_path = client.download_artifacts(run.info.run_id, "model_layout.json", str(tmp_path))
     layout = [tuple(x) for x in json.loads(Path(layout_path).read_text())["layout"]]
 
-    # The logged model, loaded back, scores a test batch as the trainer's own model does.
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    # The logged model, loaded back, scores a test batch as the trainer's own model does (its torch
+    # predictor on packed rows here; raw IDs through the pyfunc model: tests/test_serving.py).
+    model = load_predictor(f"runs:/{run.info.run_id}/model")
+    assert not model.training
     trainer = Trainer(_cfg(world_dataset, tmp_path / "unused", epochs=1))
     trainer.load_state(checkpoint.load(tmp_path / "run"))
     batch = next(iter(BatchLoader(open_dataset(world_dataset), "test", LoaderConfig(batch_size=256), 0, False).epoch(0)))

@@ -16,6 +16,7 @@ _PARTS = [
     "pipeline.cli",
     "image_service.cli",
     "trainer.cli",
+    "serving.cli",
     "vitrine.demo",
     "app.cli",
 ]

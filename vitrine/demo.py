@@ -3,7 +3,9 @@
 Generates the default world (once; reused when its settings match), processes it on a local Dask
 cluster, trains the DICM on it with the image descriptor in its own process (the AMS image service),
 trains it again with 4 workers in `auto` mode with one worker slowed 4x (all-reduce, then GBA over
-the parameter server once the straggler shows; the switch is tagged in MLflow), says where everything went, and ends with the dashboard and the MLflow UI open on the runs (until
+the parameter server once the straggler shows; the switch is tagged in MLflow), says where everything went,
+makes the first run's registered model the champion and serves it (`vitrine serve`, one scored request
+and its `curl` line, then the server stops), and ends with the dashboard and the MLflow UI open on the runs (until
 Ctrl-C; `--no-dashboard` to skip). Each capability Vitrine gains is added here as a step.
 """
 
@@ -65,6 +67,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  MLflow runs    pipeline {manifest.get('mlflow_run_id')} (experiment {tracking.PIPELINE_EXPERIMENT}), "
           f"training {result.get('run_id')} and {dist.get('run_id')} (auto mode) (experiment {tracking.TRAIN_EXPERIMENT})")
     print(f"  checkpoints    {result['run_dir']}")
+    serve_champion(result.get("run_id"), raw, manifest)
     if not args.dashboard:
         print(f"  MLflow UI      .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1")
         print(f"  dashboard      .venv/bin/vitrine dashboard   (then open http://127.0.0.1:8501)")
@@ -88,12 +91,76 @@ def prepare_world(name: str, world) -> Path:
     return raw
 
 
+def serve_champion(run_id: str | None, raw: Path, manifest: dict) -> None:
+    """Step 5: make the single-process run's model the champion of the demo's registered model, serve
+    it with `vitrine serve` (its own process, 127.0.0.1, a free port), score one impression of the
+    log's last day with the request a user would send, and stop the server."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    import pandas as pd
+
+    from serving.server import curl_line
+    from trainer import registry
+
+    if not run_id:
+        return
+    (version,) = registry.versions_of_run(run_id) or (None,)
+    if version is None:
+        return
+    registry.promote(version.name, version.version)
+    uri = f"models:/{version.name}@{registry.CHAMPION}"
+    print(f"== 5. serving: version {version.version} of {version.name} is the champion; `vitrine serve --model {uri}`")
+    log = pd.concat([pd.read_parquet(f) for f in sorted((raw / "impressions").glob("*.parquet"))], ignore_index=True)
+    last = log.sort_values(["timestamp", "impression_id"]).iloc[-1]
+    clicks = log[(log.user_id == last.user_id) & (log.click == 1) & (log.timestamp < last.timestamp)]
+    record = {"user_id": int(last.user_id), "item_id": int(last.item_id),
+              "timestamp": pd.Timestamp(last.timestamp).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "behaviors": [int(x) for x in clicks.sort_values(["timestamp", "impression_id"]).item_id.tail(5)]}
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready"
+        proc = subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--model", uri, "--port", "0",
+                                 "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ})
+        try:
+            deadline = time.monotonic() + 180
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    print(f"   the server did not start: {(proc.stderr.read() if proc.poll() is not None else '')[-500:]}")
+                    return
+                time.sleep(0.1)
+            port = int(ready.read_text())
+            body = json.dumps({"dataframe_records": [record]}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                answer = json.loads(resp.read())
+            ms = (time.perf_counter() - t0) * 1e3
+            print(f"   {curl_line('127.0.0.1', port, [record])}")
+            print(f"   -> {json.dumps(answer)}   ({ms:.1f} ms; the user's clicked items, newest last, in behaviors)")
+            print(f"   the server is stopped now; start it yourself with `.venv/bin/vitrine serve --model {uri}`"
+                  f" (models: `.venv/bin/vitrine model list`)")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def _serve_dashboard(port: int) -> int:
     """The dashboard and the MLflow UI on 127.0.0.1 over the demo's store, until Ctrl-C."""
     from app import server
     from vitrine.errors import UserError
 
-    print("== 5. the dashboard")
+    print("== 6. the dashboard")
     logs = paths.data_root()
     server.interrupt_on_sigterm()  # a `kill` of the demo stops both servers, as Ctrl-C does
     ui_url, ui = server.start_mlflow_ui(tracking.tracking_uri(), log=logs / "mlflow-ui.log")

@@ -109,6 +109,28 @@ def _compare(uri: str, view: pd.DataFrame) -> None:
                         "test_oracle_auc"] if m in final.columns]
     if show:
         st.dataframe(final[show], column_config={m: st.column_config.NumberColumn(format="%.4f") for m in show})
+    st.caption("What each run trained on (its MLflow dataset input) and the model version it registered")
+    st.dataframe(pd.DataFrame([{"run": labels[rid], **_lineage(uri, rid)} for rid in chosen]), hide_index=True)
+
+
+@st.cache_data(ttl=data.LIVE_TTL_S, show_spinner=False)
+def _lineage(uri: str, run_id: str) -> dict[str, str]:
+    """A training run's dataset input (name, digest, the pipeline run that made it) and its registered
+    model version (champion marked)."""
+    c = data.client(uri)
+    out = {"dataset": "", "digest": "", "pipeline run": "", "model": ""}
+    try:
+        run = c.get_run(run_id)
+        for inp in run.inputs.dataset_inputs if run.inputs else []:
+            tags = {t.key: t.value for t in inp.tags}
+            out.update(dataset=inp.dataset.name, digest=inp.dataset.digest,
+                       **{"pipeline run": tags.get("vitrine.pipeline_run_id", "")})
+        versions = c.search_model_versions(f"run_id = '{run_id}'")
+        out["model"] = ", ".join(f"models:/{v.name}/{v.version}" + (" (champion)" if "champion" in (v.aliases or []) else "")
+                                 for v in versions)
+    except Exception:  # noqa: BLE001 - a store without a registry, or a deleted run: leave it blank
+        pass
+    return out
 
 
 def render() -> None:
