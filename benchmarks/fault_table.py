@@ -221,12 +221,9 @@ def run_case(case: Case, ds: Path, work: Path, kill_after_step: int = 4, timeout
         if out.mlflow_status != "FINISHED":
             out.problems.append(f"MLflow run {out.mlflow_status}")
         return out
-    alone = case.mode == "single"  # the job is one process: killed, nothing is left to report or mark
     m = re.search(r"`(vitrine train --resume [^`]+)`", text)
     lines = [ln for ln in text.splitlines() if "--resume" in ln]
     out.line = lines[-1].strip() if lines else text.strip().splitlines()[-1] if text.strip() else ""
-    if alone:
-        out.line = "(one process: nothing left to report)"
     if out.stop_s > STOP_LIMIT_S:
         out.problems.append(f"stopped after {out.stop_s:.1f} s")
     if "Traceback" in text:
@@ -234,9 +231,9 @@ def run_case(case: Case, ds: Path, work: Path, kill_after_step: int = 4, timeout
     if out.left:
         out.problems.append(f"left behind: {out.left}")
     out.mlflow_status = _mlflow_status(run_dir)
-    if out.mlflow_status not in ("FAILED", "KILLED") and not alone:
+    if out.mlflow_status not in ("FAILED", "KILLED"):
         out.problems.append(f"MLflow run {out.mlflow_status}")
-    if m is None and not alone:
+    if m is None:
         out.problems.append(f"no resume command in the output: {text[-1500:]}")
         return out
     out.resume_cmd = m.group(1) if m else f"vitrine train --resume {run_dir}"

@@ -20,6 +20,7 @@ import fault_table  # noqa: E402
 
 
 @pytest.mark.parametrize("spec, reference", [
+    ("launcher:single", True),  # the job is one process: its guardian reports and marks the run
     ("coordinator:gba", False),  # rank 0 dies: the others must not train on without it
     ("worker:ar", True),  # an AR worker dies: the job stops; the resumed run equals the uninterrupted one
     ("shard:auto", False),  # the PS shard dies

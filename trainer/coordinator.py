@@ -51,13 +51,18 @@ def step_figures(trainer, step: int, loss: float, samples_per_s: float, lr: floa
     return m
 
 
-def end_of_epoch(trainer, logger, head_at: int | None = None) -> None:
-    """Evaluate on valid (coordinator) after an epoch. `head_at`: see `Trainer.predict`."""
+def end_of_epoch(trainer, logger, epoch: int | None = None, step: int | None = None, head_at: int | None = None,
+                 pauses_training: bool = True) -> None:
+    """Evaluate on valid (coordinator) the model after `epoch` epochs, at global step `step` (default:
+    the trainer's position; a PS phase evaluates an epoch end's snapshot). `head_at`: see
+    `Trainer.predict`; `pauses_training`: see `Trainer.evaluate`."""
     if "valid" in trainer.eval_loaders and trainer.is_coordinator:
-        m = trainer.evaluate("valid", head_at)
-        trainer.history.append({"epoch": trainer.epoch, "step": trainer.step, **{f"valid_{k}": v for k, v in m.items()}})
+        epoch = trainer.epoch if epoch is None else epoch
+        step = trainer.step if step is None else step
+        m = trainer.evaluate("valid", head_at, pauses_training)
+        trainer.record_valid(epoch, step, m)
         if logger is not None:
-            logger.log_metrics({f"valid_{k}": v for k, v in m.items() if finite(v)}, step=trainer.step)
+            logger.log_metrics({f"valid_{k}": v for k, v in m.items() if finite(v)}, step=step)
 
 
 def log_switches(trainer, logger) -> None:

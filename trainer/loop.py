@@ -23,6 +23,13 @@ from trainer.coordinator import finite, log_switches
 from trainer.modes import Outcome
 
 
+TRAIN_SECONDS_COVERS = (
+    "wall seconds of this process's training loop: data, steps, image-service and PS traffic, checkpoints; "
+    "not start-up, the test evaluation or model logging, nor valid evaluations that paused training (in a PS "
+    "phase the others train on while the coordinator evaluates, so those count); a resumed run counts only "
+    "its own steps")
+
+
 def runner_for(phase: str) -> Callable[..., Outcome]:
     if phase in PS_MODES:
         from trainer.modes import ps
@@ -37,6 +44,7 @@ def fit(trainer, run_dir: Path, logger) -> dict[str, Any]:
     """Train until the data is used up or a stop; returns the final figures (coordinator) or the step."""
     cfg = trainer.cfg
     t_fit = time.perf_counter()
+    step0 = trainer.step  # this process's steps (a resumed run starts later)
     steps_per_epoch = len(trainer.train_loader)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -46,14 +54,20 @@ def fit(trainer, run_dir: Path, logger) -> dict[str, Any]:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stdout)
+    ps_figures: dict[str, float] = {}  # the job's PS phases, added up
     while True:
         outcome = runner_for(trainer.phase)(trainer, run_dir, logger, total, bar)
+        if outcome.figures:
+            from trainer.modes.ps import fold_phases
+
+            ps_figures = fold_phases(ps_figures, outcome.figures)
+            if logger is not None:
+                logger.log_metrics(ps_figures, step=trainer.step)
         if outcome.kind != "switch":
             break
         # A mode change is the loop's to make: the runner ended its phase on a whole global batch.
-        trainer.note_switch(trainer.phase, outcome.switch.to, outcome.switch.why)
+        trainer.switch_phase(outcome.switch.to, outcome.switch.why)
         log_switches(trainer, logger)
-        trainer.phase = outcome.switch.to
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t_fit - trainer.eval_seconds
@@ -63,6 +77,12 @@ def fit(trainer, run_dir: Path, logger) -> dict[str, Any]:
               f"(continue with `vitrine train --resume {run_dir}`)", flush=True)
         return {"steps": trainer.step, "stopped": True}
     final: dict[str, Any] = {"steps": trainer.step, "train_seconds": train_seconds}
+    samples = (trainer.step - step0) * cfg.step_batch()  # an upper bound when an epoch's last batch is short
+    final.update(train_samples=samples, samples_per_s=samples / max(train_seconds, 1e-9),
+                 train_seconds_covers=TRAIN_SECONDS_COVERS)
+    if logger is not None:
+        logger.log_metrics({"train_seconds": train_seconds, "train_samples_per_s": final["samples_per_s"]},
+                           step=trainer.step)
     if not trainer.is_coordinator:
         return final
     if "test" in trainer.eval_loaders:
@@ -78,7 +98,7 @@ def fit(trainer, run_dir: Path, logger) -> dict[str, Any]:
                            for h in trainer.history]
     if trainer.switches:
         final["switches"] = [list(x) for x in trainer.switches]
-    final.update(getattr(trainer, "ps_stats", {}))
+    final.update(ps_figures)
     trainer.save_checkpoint(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
     return final

@@ -42,7 +42,8 @@ from trainer.config import MODE_CODES, PS_MODES, TrainConfig
 from trainer.images import image_inputs
 from trainer.distributed import allreduce
 from trainer.distributed.allreduce import DistContext
-from trainer.distributed.launch import PS_KEY_ENV, RPC_GROUP_ENV, RUN_ID_FILE, SERVICE_ENV
+from trainer.distributed.launch import PS_KEY_ENV, RPC_GROUP_ENV, SERVICE_ENV
+from trainer.watchdog import RUN_ID_FILE, guarded
 from trainer.model import DICM
 from trainer.switching import Decision, SwitchPolicy
 from trainer.coordinator import read_commands
@@ -146,9 +147,32 @@ class Trainer:
             g["lr"] = lr
         self.sched._last_lr = [lr for _ in self.opt.param_groups]
 
-    def note_switch(self, old: str, new: str, why: str) -> None:
-        self.switches.append((self.step, old, new, why))
-        print(f"step {self.step}: switching {old} -> {new} ({why})", flush=True)
+    # -- the state's moves: runners and the loop change the position and the mode only through these --
+    def switch_phase(self, new: str, why: str) -> None:
+        """Change the mode (the loop between runners; a PS runner between async and gba in place)."""
+        self.switches.append((self.step, self.phase, new, why))
+        print(f"step {self.step}: switching {self.phase} -> {new} ({why})", flush=True)
+        self.phase = new
+
+    def take_switch(self) -> Decision | None:
+        """The switch every worker agreed on in the last all-reduce step, once."""
+        switch, self.switch_to = self.switch_to, None
+        return switch
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+    def move_to(self, global_batch: int) -> None:
+        """Resume the data at `global_batch` (counted over the epochs): a PS phase trained up to it."""
+        self.epoch, self.batch_in_epoch = divmod(int(global_batch), len(self.train_loader))
+
+    def set_straggler(self, straggler) -> None:
+        self.straggler = straggler
+
+    def record_valid(self, epoch: int, step: int, m: dict[str, float]) -> None:
+        """The validation figures of the model after `epoch` epochs (global step `step`)."""
+        self.history.append({"epoch": epoch, "step": step, **{f"valid_{k}": v for k, v in m.items()}})
 
     def _open_image_service(self, run_dir: Path | None):
         cfg = self.cfg
@@ -192,8 +216,12 @@ class Trainer:
             self.spawned = None
 
     # -- one step ----------------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+    def train_step(self, batch: dict[str, torch.Tensor], data_s: float = 0.0) -> float:
+        """One synchronous step (single, or all-reduce over the workers) on the next batch of the data;
+        moves the step and the position in the epoch. `data_s`: the wait for this batch (a straggler's
+        sleep is a multiple of its own work, this included)."""
         t0 = time.perf_counter()
+        self.data_s = data_s
         self.model.train()
         # Drawn over the global batch and keyed by its number, so every mode drops the same rows.
         batch = self.drop_ad_ids(batch, self.epoch * len(self.train_loader) + self.batch_in_epoch)
@@ -241,6 +269,7 @@ class Trainer:
         if self.ctx is not None:
             self._after_reduce_s = time.perf_counter() - t_reduced
         self.step += 1
+        self.batch_in_epoch += 1
         return float(loss.detach())
 
     def forward_backward(self, batch: dict[str, torch.Tensor], img, share: float) -> torch.Tensor:
@@ -311,12 +340,15 @@ class Trainer:
             out["impression_id"].append(batch["impression_id"].numpy())
         return {k: np.concatenate(v) for k, v in out.items()}
 
-    def evaluate(self, split: str, head_at: int | None = None) -> dict[str, float]:
+    def evaluate(self, split: str, head_at: int | None = None, pauses_training: bool = True) -> dict[str, float]:
+        """`pauses_training`: the time counts as evaluation, not training (false in a PS phase, where the
+        other workers train on while the coordinator evaluates)."""
         t0 = time.perf_counter()
         try:
             return self._evaluate(split, head_at)
         finally:
-            self.eval_seconds += time.perf_counter() - t0
+            if pauses_training:
+                self.eval_seconds += time.perf_counter() - t0
 
     def _evaluate(self, split: str, head_at: int | None = None) -> dict[str, float]:
         pred = self.predict(split, head_at)
@@ -333,12 +365,15 @@ class Trainer:
     def is_coordinator(self) -> bool:
         return self.ctx is None or self.ctx.is_coordinator
 
-    def save_checkpoint(self, run_dir: Path) -> None:
+    def save_checkpoint(self, run_dir: Path, resume_at: int | None = None) -> None:
         """The trainer's checkpoint, with the service's state; a remote service also writes its own.
-        In AR every replica holds the same state, so only the coordinator writes it."""
+        In AR every replica holds the same state, so only the coordinator writes it. `resume_at`: the
+        global batch a resume starts from, when it is not the trainer's position (a PS phase's)."""
         if not self.is_coordinator:
             return
         st = self.state()
+        if resume_at is not None:
+            st["epoch"], st["batch_in_epoch"] = divmod(int(resume_at), len(self.train_loader))
         if self.service is not None:
             self.service.checkpoint(self.step)
         checkpoint.save(run_dir, st)
@@ -419,26 +454,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise UserError(f"WORLD_SIZE={ctx.world} but --workers {cfg.workers}; give every rank the same --workers")
         run_dir.mkdir(parents=True, exist_ok=True)
         return _worker(cfg, ctx, st, run_dir, name)
-    with claim_run_dir(run_dir, st):
+    with claim_run_dir(run_dir, st) as created:
         if cfg.mode != "single":
             # The launcher: start the workers (and the image service) and wait for them.
             from trainer.distributed.launch import launch
 
             return launch(cfg, run_dir)
-        return _worker(cfg, None, st, run_dir, name)
+        with guarded(run_dir, created):  # the job is this one process: a guardian reports a kill
+            return _worker(cfg, None, st, run_dir, name)
 
 
 def new_run_name(cfg: TrainConfig) -> str:
     """What the job is, when it started, and a random part: two jobs with the same settings started in
     the same second do not share a run directory."""
-    return f"dicm-{cfg.features}-{cfg.aggregator}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    agg = "" if cfg.features == "ids" else f"-{cfg.aggregator}"  # ids models aggregate no images
+    return f"dicm-{cfg.features}{agg}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path, st: dict[str, Any] | None):
     """Hold the run directory for this job: refuse one that holds another run or that another job
     holds (a lock that dies with its process), and remove it if this job created it and failed before
-    its first checkpoint."""
+    its first checkpoint. Yields whether this job created the directory."""
     import fcntl
     import shutil
 
@@ -452,7 +489,7 @@ def claim_run_dir(run_dir: Path, st: dict[str, Any] | None):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"another job is running in {run_dir}; wait for it or pick another --run-dir") from None
-        yield
+        yield created
     except BaseException:
         if created and not (run_dir / checkpoint.NAME).exists():
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -537,6 +574,9 @@ def _train(trainer: Trainer, cfg: TrainConfig, st: dict[str, Any] | None, run_di
         from vitrine.atomic import write_text_atomic
 
         write_text_atomic(run_dir / RUN_ID_FILE, logger.run_id)
+        from vitrine import tracking
+
+        jobs.record_mlflow_run(logger.run_id, tracking.tracking_uri())  # the job registry ends it if all die
         logger.log_dict(asdict(cfg), "config.json")
         if isinstance(trainer.service, RemoteClient):
             logger.log_dict({"address": trainer.service.address, **trainer.service.info()}, "image_service.json")
@@ -572,7 +612,9 @@ def _train(trainer: Trainer, cfg: TrainConfig, st: dict[str, Any] | None, run_di
             logger.log_metrics({f"final_{k}": v for k, v in result["ams"].items()}, step=trainer.step)
     if logger is not None:
         if not result.get("stopped"):
-            _log_model(trainer, logger)
+            from trainer.serving import log_model
+
+            log_model(trainer, logger, cfg.model_name)
         logger.close("KILLED" if result.get("stopped") else "FINISHED")
     result.update(run_dir=str(run_dir), run_id=trainer.run_id)
     if trainer.is_coordinator:
@@ -608,30 +650,3 @@ def _stop_on_sigterm(trainer: Trainer):
     signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
 
-
-def _log_model(trainer: Trainer, logger) -> None:
-    """Log the self-contained scorer with a signature inferred from a real test batch."""
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
-    from trainer.serving import CTRPredictor, layout_for, pack
-
-    split = "test" if "test" in trainer.eval_loaders else "valid"
-    batch = next(iter(trainer.eval_loaders[split].epoch(0)))
-    seq = [k for k in ("hist_image", *(f.name for f in trainer.fmap.sequences)) if k in batch]
-    layout = layout_for(trainer.model, batch[seq[0]].shape[1] if seq else 0)
-    service = trainer.service
-    head = service.head_module() if service is not None else None
-    feats = service.trunk_features(torch.arange(service.n_images)) if service is not None else None
-    predictor = CTRPredictor(trainer.model, head, feats, layout).eval()
-    x = pack({k: v[:64] for k, v in batch.items()}, layout)
-    with torch.no_grad():
-        y = predictor(torch.from_numpy(x)).numpy()
-    signature = infer_signature(x, y)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow
-
-    with mlflow.start_run(run_id=logger.run_id):
-        mlflow.pytorch.log_model(predictor, name="model", signature=signature, input_example=x[:2],
-                                 serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    logger.log_dict({"layout": layout}, "model_layout.json")

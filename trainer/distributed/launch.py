@@ -36,13 +36,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from trainer.watchdog import fail_run, how_to_continue
 from vitrine.errors import UserError
 
 PS_KEY_ENV = "VITRINE_PS_KEY"  # the job's PS shards are ps<s>_<key>
 RPC_GROUP_ENV = "VITRINE_RPC_GROUP"  # HOST:PORT of the job's RPC group
 SERVICE_ENV = "VITRINE_IMAGE_SERVICE_ADDRESS"  # where this launch's image service listens
 LAUNCHED_ENV = "VITRINE_LAUNCHED"  # a worker of this launcher (it reports the result)
-RUN_ID_FILE = "mlflow_run_id"  # written by the coordinator once its MLflow run exists
 
 
 @dataclass
@@ -204,31 +204,6 @@ def _how(code: int) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
-
-
-def how_to_continue(run_dir: Path) -> str:
-    from trainer import checkpoint
-
-    if not (run_dir / checkpoint.NAME).exists():
-        return "It left no checkpoint: start it again."
-    return f"Continue from the last checkpoint with `vitrine train --resume {run_dir}`"
-
-
-def fail_run(run_dir: Path) -> None:
-    """Mark the job's MLflow run FAILED: its coordinator may have been killed before it could."""
-    path = run_dir / RUN_ID_FILE
-    if not path.exists():
-        return
-    try:
-        from vitrine import tracking
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking.setup())
-        run_id = path.read_text().strip()
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "FAILED")
-    except Exception as exc:  # noqa: BLE001 - the job's own failure is the message; this is a note
-        print(f"could not mark the MLflow run FAILED: {str(exc).splitlines()[0]}", file=sys.stderr)
 
 
 def _last_line(path: Path) -> str:

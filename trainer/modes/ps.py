@@ -51,10 +51,9 @@ def run(trainer, run_dir: Path, logger, total: int, bar) -> Outcome:
         ps.load_from_ps()
         if trainer.is_coordinator:
             _evaluate_missed(trainer, hook, logger, next_batch)
-        trainer.epoch, trainer.batch_in_epoch = divmod(next_batch, spe)
-        if trainer.is_coordinator:
-            _record_phase(trainer, ps, figures, hook.close(), logger)
-        return Outcome("switch", Decision("ar", hook.switch_why if hook is not None else "coordinator"))
+        trainer.move_to(next_batch)
+        phase = _phase_figures(ps, figures, hook.close()) if trainer.is_coordinator else {}
+        return Outcome("switch", Decision("ar", hook.switch_why if hook is not None else "coordinator"), phase)
     if not trainer.is_coordinator:
         return Outcome("stopped" if kind == "stop" else "done")
     lost = ps.wait_for_workers()
@@ -66,8 +65,7 @@ def run(trainer, run_dir: Path, logger, total: int, bar) -> Outcome:
     final = hook.close()
     _evaluate_missed(trainer, hook, logger, next_batch)
     log_switches(trainer, logger)
-    _record_phase(trainer, ps, figures, final, logger)
-    return Outcome("stopped" if kind == "stop" else "done")
+    return Outcome("stopped" if kind == "stop" else "done", None, _phase_figures(ps, figures, final))
 
 
 # Counts that start afresh with each PS phase (the service's policy is new each time); the shards'
@@ -79,18 +77,15 @@ def _evaluate_missed(trainer, hook: "_Coordinator", logger, next_batch: int) -> 
     """Coordinator, at a PS phase's end with the live state loaded from the idle shards: evaluate the
     epoch ends the phase passed that its hook did not (it evaluates when its own next token is in a
     new epoch, and it may get none). An end at `next_batch` itself is the live state; earlier ones come
-    from the snapshots. Leaves `epoch`/`batch_in_epoch` at `next_batch`."""
-    spe = hook.spe
-    epochs, in_epoch = divmod(next_batch, spe)
+    from the snapshots. Leaves the trainer's position at `next_batch`."""
+    epochs, in_epoch = divmod(next_batch, hook.spe)
     seen = {int(h["epoch"]) for h in trainer.history}
-    step = trainer.step
     from_snapshots = [e for e in range(trainer.epoch + 1, epochs + (in_epoch > 0)) if e not in seen]
-    for trainer.epoch in from_snapshots:
-        hook._evaluate_epoch_end()
+    for e in from_snapshots:
+        hook._evaluate_epoch_end(e, pauses_training=True)  # the phase is over: nobody trains meanwhile
     if from_snapshots:
-        trainer.step = step
         trainer.ps.load_from_ps()
-    trainer.epoch, trainer.batch_in_epoch = epochs, in_epoch
+    trainer.move_to(next_batch)
     if in_epoch == 0 and epochs > 0 and epochs not in seen:
         end_of_epoch(trainer, logger)
 
@@ -104,23 +99,26 @@ def _close_service(trainer, ps) -> dict[str, float]:
     return gba_figures(ps.client, trainer.service)
 
 
-def _record_phase(trainer, ps, figures: dict[str, float], report: dict[str, Any], logger) -> None:
-    """Fold a finished PS phase's figures into the job's (`trainer.ps_stats`, which the result and
-    MLflow get), whichever way the phase ended. A job's phases add up: ar -> gba -> ar -> gba reports
-    the tokens of both GBA phases; the image service's staleness percentiles are its last phase's."""
+def _phase_figures(ps, figures: dict[str, float], report: dict[str, Any]) -> dict[str, float]:
+    """A finished PS phase's figures (coordinator), whichever way it ended: this worker's traffic and
+    waits, the shards' and the service's token figures, and the tokens each worker trained on in the
+    job's PS phases (the book counts over the job: a straggler's share shows how slow it really was)."""
     from trainer.distributed.ps_phase import stats
 
-    prev = getattr(trainer, "ps_stats", {})
     out = {**stats(ps), **figures}
+    out.update({f"worker_tokens_{r}": float(n) for r, n in report["steps"].items()})
+    return out
+
+
+def fold_phases(job: dict[str, float], phase: dict[str, float]) -> dict[str, float]:
+    """The job's PS figures after one more phase (the loop keeps them for the result and MLflow). A
+    job's phases add up: ar -> gba -> ar -> gba reports the tokens of both GBA phases; the image
+    service's staleness percentiles are its last phase's."""
+    out = dict(phase)
     for k in _PER_PHASE:
         if k in out:
-            out[k] += prev.get(k, 0.0)
-    # Tokens each worker trained on in the job's PS phases (the book counts over the job): a straggler's
-    # share shows how slow it really was.
-    out.update({f"worker_tokens_{r}": float(n) for r, n in report["steps"].items()})
-    trainer.ps_stats = out
-    if logger is not None:
-        logger.log_metrics(out, step=trainer.step)
+            out[k] += job.get(k, 0.0)
+    return out
 
 
 class _Coordinator:
@@ -162,7 +160,7 @@ class _Coordinator:
                 self._apply(d)
         if step != self.last_step:
             crossed = lambda every: step // every != self.last_step // every  # noqa: E731
-            t.step = step
+            t.set_step(step)
             if crossed(t.cfg.log_every):
                 self._log(step, rep)
             if self.bar is not None:
@@ -172,16 +170,13 @@ class _Coordinator:
                 self._checkpoint(rep)
             self.last_step = step
         if tok is not None and int(tok["batch"]) // self.spe > t.epoch:
-            epoch, t.batch_in_epoch = divmod(int(tok["batch"]), self.spe)
-            before, now = t.eval_seconds, t.step
+            now = t.step
             # Every epoch end since this worker's last token, not only the newest: while it evaluated one,
             # the others may have trained through a whole epoch (small epochs, a slow evaluation).
-            for t.epoch in range(t.epoch + 1, epoch + 1):
-                self._evaluate_epoch_end()
-            t.step = now
-            # The other workers keep taking tokens while this one evaluates, so unlike an all-reduce
-            # step's evaluation this time is not a pause of training: it stays in train_seconds.
-            t.eval_seconds = before
+            for epoch in range(t.epoch + 1, int(tok["batch"]) // self.spe + 1):
+                self._evaluate_epoch_end(epoch)
+            t.set_step(now)
+            t.move_to(int(tok["batch"]))
 
     def _find_lost(self, step: int, stalled_s: float = 2.0) -> None:
         """When the global step has not moved for `stalled_s`, ping the workers: one that does not answer
@@ -196,22 +191,24 @@ class _Coordinator:
                 self.known_lost += new
                 print(f"workers {new} stopped answering; the tokens they held go to the others", flush=True)
 
-    def _evaluate_epoch_end(self) -> None:
-        """The model and image head of the epoch's last step (snapshots), logged at that step; the live
-        state when a snapshot is missing (e.g. the service drops pushes the shards keep, so its step lags)."""
+    def _evaluate_epoch_end(self, epoch: int, pauses_training: bool = False) -> None:
+        """The model and image head after `epoch` epochs (snapshots of that step), logged at that step;
+        the live state when a snapshot is missing (e.g. the service drops pushes the shards keep, so its
+        step lags). Mid-phase the other workers keep taking tokens meanwhile, so unlike an all-reduce
+        step's evaluation this time is not a pause of training: it stays in train_seconds."""
         from vitrine.snapshots import SnapshotMissing
 
         t = self.t
-        at = t.ps.load_epoch_end(t.epoch)
+        at = t.ps.load_epoch_end(epoch)
         if at is not None:
-            t.step = at
             try:
-                end_of_epoch(t, self.logger, head_at=at if t.service is not None else None)
+                end_of_epoch(t, self.logger, epoch, at, head_at=at if t.service is not None else None,
+                             pauses_training=pauses_training)
                 return
             except SnapshotMissing as exc:
-                print(f"epoch {t.epoch}: evaluating the live state, not the epoch's end: {exc}", flush=True)
+                print(f"epoch {epoch}: evaluating the live state, not the epoch's end: {exc}", flush=True)
         t.ps.load_from_ps()
-        end_of_epoch(t, self.logger)
+        end_of_epoch(t, self.logger, epoch, pauses_training=pauses_training)
 
     def _apply(self, d) -> None:
         """Carry out a switch decision in a PS phase: to all-reduce through the token book (at the next
@@ -221,8 +218,7 @@ class _Coordinator:
             self._ask_ar(d.why)
         elif d.to != t.phase:
             t.ps.set_mode(d.to)
-            t.note_switch(t.phase, d.to, d.why)
-            t.phase = d.to
+            t.switch_phase(d.to, d.why)
 
     def _ask_ar(self, why: str) -> None:
         self.client.tokens("set_command", "ar")
@@ -238,8 +234,8 @@ class _Coordinator:
                 t.request_stop()
                 self.client.tokens("set_command", "stop")
             elif c == "straggler":
-                t.straggler = value
-                self.client.tokens("set_straggler", t.straggler.as_tuple())
+                t.set_straggler(value)
+                self.client.tokens("set_straggler", value.as_tuple())
             elif c == "switch" and not self.asked_ar:
                 lost = self.client.tokens("report")["lost"] if value == "ar" else []
                 try:
@@ -273,10 +269,7 @@ class _Coordinator:
         # step, plus the offset of a resumed phase): batches in flight when it was taken are handed out
         # again, so a resumed job trains as many global batches as an uninterrupted one. (Resuming after
         # every batch handed out lost the ones in flight: 111 of 112 steps.)
-        here = (t.epoch, t.batch_in_epoch)
-        t.epoch, t.batch_in_epoch = divmod(t.step + t.ps.batch_minus_step, self.spe)
-        t.save_checkpoint(self.run_dir)
-        t.epoch, t.batch_in_epoch = here
+        t.save_checkpoint(self.run_dir, resume_at=t.step + t.ps.batch_minus_step)
 
     def close(self) -> dict[str, Any]:
         rep = self.client.tokens("report")

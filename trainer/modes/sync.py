@@ -29,9 +29,7 @@ def run(trainer, run_dir: Path, logger, total: int, bar) -> Outcome:
             batch = next(batches, None)
             if batch is None:
                 break
-            trainer.data_s = time.perf_counter() - t_data
-            loss = trainer.train_step(batch)
-            trainer.batch_in_epoch += 1
+            loss = trainer.train_step(batch, data_s=time.perf_counter() - t_data)
             window_n += int(batch["label"].shape[0])
             if trainer.step % cfg.log_every == 0 or trainer.step == total or trainer.switch_to:
                 now = time.perf_counter()
@@ -53,19 +51,17 @@ def run(trainer, run_dir: Path, logger, total: int, bar) -> Outcome:
                 break
             if trainer.stop_requested:
                 return Outcome("stopped")
-            if trainer.switch_to:
-                new, trainer.switch_to = trainer.switch_to, None
+            new = trainer.take_switch()
+            if new is not None:
                 if trainer.batch_in_epoch >= steps_per_epoch:
-                    trainer.epoch += 1
-                    trainer.batch_in_epoch = 0
+                    trainer.next_epoch()
                     end_of_epoch(trainer, logger)
                 return Outcome("switch", new)
         if trainer.stop_requested and not done:
             return Outcome("stopped")
         if not done or trainer.batch_in_epoch >= steps_per_epoch:
             # A finished epoch: evaluate on valid, move on.
-            trainer.epoch += 1
-            trainer.batch_in_epoch = 0
+            trainer.next_epoch()
             end_of_epoch(trainer, logger)
             trainer.save_checkpoint(run_dir)
     return Outcome("done")
