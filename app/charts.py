@@ -133,3 +133,24 @@ def lines(frame: pd.DataFrame, x: str, y: str, color: str, title: str = "", heig
         x=alt.X(f"{x}:Q", title=x), y=alt.Y(f"{y}:Q", title=title or y, scale=alt.Scale(zero=False)),
         color=alt.Color(f"{color}:N", legend=alt.Legend(orient="bottom", title=None)),
         tooltip=list(frame.columns)).properties(height=height, title=title)
+
+
+def legend_order(labels, known=()) -> list[str]:
+    """The distinct labels (as text) in the order a legend should list them: first those named in
+    `known`, in that order (e.g. colour names by their code); then numeric labels by value (1, 2, 10;
+    a nominal legend otherwise sorts them as text: 1, 10, 2); then the rest alphabetically (OOV,
+    "not shown as an ad")."""
+    rank = {str(k): i for i, k in enumerate(known)}
+
+    def key(label: str) -> tuple:
+        if label in rank:
+            return (0, rank[label], 0.0, "")
+        try:
+            value = float(label)
+        except ValueError:
+            value = float("nan")
+        if value == value:  # not NaN: a number
+            return (1, 0, value, label)
+        return (2, 0, 0.0, label)
+
+    return sorted(dict.fromkeys(str(v) for v in labels), key=key)

@@ -466,6 +466,14 @@ def test_runs_compares_the_chosen_runs_side_by_side(at_world):
     lineage = at.dataframe[2].value.set_index("run")  # the dataset each run read, the model it registered
     row = lineage.loc[next(i for i in lineage.index if i.endswith(at_world.model_run[:8]))]
     assert row["dataset"] and row["digest"] and row["model"].startswith("models:/vitrine-")
+    # The registry: the run's model version, made the champion from the page.
+    models = at.dataframe[3].value
+    version = int(models.loc[models["run_id"] == at_world.model_run, "version"].item())
+    assert "★" not in set(models["champion"])
+    at.selectbox(key="runs.model_version").set_value(version).run()
+    next(b for b in at.button if b.key == "runs.promote").click().run()
+    assert not at.exception and "is now version" in at.success[0].value
+    assert at.dataframe[3].value.set_index("version").loc[version, "champion"] == "★"
 
 
 def test_jobs_shows_status_log_and_stops_a_running_job(at_world):
@@ -555,6 +563,61 @@ def test_images_maps_the_descriptors_embeddings(at_world):
     table = at.dataframe[0].value
     assert len(table) == 5 and table["cosine"].is_monotonic_decreasing and 1 not in set(table["image"])
     assert len(at.get("image")) == 2  # the query image and the strip of its neighbours
+
+
+def test_legends_list_numeric_labels_by_value():
+    from app.charts import legend_order
+
+    assert legend_order(["10", "2", "OOV", "1", "2", "not shown as an ad", "-3", "1.5"]) == [
+        "-3", "1", "1.5", "2", "10", "OOV", "not shown as an ad"]
+    assert legend_order([12, 3, 1]) == ["1", "3", "12"]
+    assert legend_order(["nan", "b", "a"]) == ["a", "b", "nan"]  # "nan" is a word here, not a number
+    assert legend_order(["stripes", "unknown", "plain", "dots"], known=("plain", "stripes", "dots")) == [
+        "plain", "stripes", "dots", "unknown"]
+
+
+def test_images_colours_the_map_by_the_worlds_true_attributes(at_world):
+    from app import data
+    from pipeline.synth import draw
+
+    raw = at_world.root / "raw" / "tiny"
+    truth = pd.read_parquet(raw / "truth" / "items.parquet").set_index("item_id")
+    # image row -> item, read independently of the page's join: the world names item i's image 00000i.<ext>
+    index = pd.read_parquet(at_world.dataset / "images" / "index.parquet").set_index("image_index")["key"]
+    at = page("images")
+    by = at.selectbox(key="images.color_by")
+    assert by.value == "category" and by.options == ["category", "true colour", "true shape", "true pattern"]
+    color = charts(at)[0]["encoding"]["color"]
+    pts = next(f for f in chart_data(at) if "x" in f.columns)
+    assert color["field"] == "category" and set(color["sort"]) == set(pts["category"])
+    numbers = [c for c in color["sort"] if c.isdigit()]
+    assert numbers == sorted(numbers, key=int) and any(len(c) > 1 for c in numbers), color["sort"]
+
+    by.set_value("shape").run()
+    assert not at.exception, [e.value for e in at.exception]
+    color = charts(at)[0]["encoding"]["color"]
+    pts = next(f for f in chart_data(at) if "x" in f.columns)
+    assert color["field"] == "shape" and color["sort"] == [n for n in draw.SHAPE_NAMES if n in set(pts["shape"])]
+    items = pts["image"].map(lambda i: int(index[i].split(".")[0]))
+    assert list(pts["shape"]) == [draw.SHAPE_NAMES[s] for s in truth.loc[items, "shape"]]
+    assert list(pts["pattern"]) == [draw.PATTERN_NAMES[s] for s in truth.loc[items, "pattern"]]
+    assert {"colour", "shape", "pattern"} <= set(at.dataframe[0].value.columns)  # the neighbours' too
+
+    at.selectbox(key="images.color_by").set_value("colour").run()
+    color = charts(at)[0]["encoding"]["color"]
+    assert color["sort"] == [n for n in draw.COLOR_NAMES if n in color["sort"]]
+    assert color["scale"]["domain"] == color["sort"] and len(color["scale"]["range"]) == len(color["sort"])
+
+    # A dataset from a source without the truth file: no such choice, the map by category as before.
+    hidden = raw / "truth" / "items.hidden"
+    (raw / "truth" / "items.parquet").rename(hidden)
+    try:
+        data.clear()
+        at = page("images")
+        assert "images.color_by" not in [s.key for s in at.selectbox]
+        assert charts(at)[0]["encoding"]["color"]["field"] == "category"
+    finally:
+        hidden.rename(raw / "truth" / "items.parquet")
 
 
 def test_benchmarks_reads_any_result_file(at_world):

@@ -51,13 +51,18 @@ def versions(name: str, c: Any = None, with_runs: bool = True) -> list[Version]:
 
     c = c or client()
     try:
-        c.get_registered_model(name)
+        model = c.get_registered_model(name)
     except MlflowException:
         known = names(c)
         raise UserError(f"no registered model {name!r}; registered: {', '.join(known) or 'none yet (train a model)'}") from None
+    # The registered model's alias map, not each version's: a searched version may come without its aliases.
+    aliases: dict[int, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(int(version), []).append(alias)
     out = []
     for mv in c.search_model_versions(f"name = '{name}'", max_results=1000):
-        v = Version(name, int(mv.version), mv.run_id, sorted(mv.aliases or []), int(mv.creation_timestamp or 0))
+        v = Version(name, int(mv.version), mv.run_id, sorted(aliases.get(int(mv.version), [])),
+                    int(mv.creation_timestamp or 0))
         if with_runs and mv.run_id:
             try:
                 run = c.get_run(mv.run_id)
@@ -101,6 +106,8 @@ def versions_of_run(run_id: str, c: Any = None) -> list[Version]:
     c = c or client()
     out = []
     for mv in c.search_model_versions(f"run_id = '{run_id}'"):
-        out.append(Version(mv.name, int(mv.version), mv.run_id, sorted(mv.aliases or []),
+        aliases = c.get_registered_model(mv.name).aliases or {}
+        out.append(Version(mv.name, int(mv.version), mv.run_id,
+                           sorted(a for a, v in aliases.items() if int(v) == int(mv.version)),
                            int(mv.creation_timestamp or 0)))
     return out

@@ -1,5 +1,7 @@
-"""Runs: every pipeline and training run in the tracking store, filtered and sorted, and a side by
-side comparison of the chosen training runs against step or wall time, with the mode timeline."""
+"""Runs: every pipeline and training run in the tracking store, filtered and sorted, a side by side
+comparison of the chosen training runs against step or wall time, with the mode timeline, and the
+registered models: each version's run and test AUC, the champion marked, and the control that makes
+a version the champion (what `vitrine serve --model models:/NAME@champion` serves)."""
 
 from __future__ import annotations
 
@@ -113,6 +115,40 @@ def _compare(uri: str, view: pd.DataFrame) -> None:
     st.dataframe(pd.DataFrame([{"run": labels[rid], **_lineage(uri, rid)} for rid in chosen]), hide_index=True)
 
 
+def _models() -> None:
+    """The registry (`trainer/registry.py`): one table per registered model, and the champion control."""
+    from trainer import registry
+    from vitrine.errors import UserError
+
+    st.subheader("Models")
+    try:
+        names = registry.names()
+    except Exception as exc:  # noqa: BLE001 - a store without a registry
+        st.caption(f"No model registry in this store ({str(exc).splitlines()[0][:200]}).")
+        return
+    if not names:
+        st.caption("No registered models yet: every finished training run registers its model.")
+        return
+    name = st.selectbox("Registered model", names, key="runs.model")
+    shown = st.container()  # the table goes above the control, drawn after a promotion took effect
+    c1, c2 = st.columns([2, 1])
+    chosen = c1.selectbox("Version", [v.version for v in registry.versions(name, with_runs=False)],
+                          key="runs.model_version")
+    if c2.button("Make champion", key="runs.promote"):
+        try:
+            v = registry.promote(name, int(chosen))
+        except UserError as exc:
+            st.error(str(exc))
+        else:
+            st.success(f"models:/{name}@{registry.CHAMPION} is now version {v.version} (run {v.run_id}); "
+                       f"serve it with `vitrine serve --model models:/{name}@{registry.CHAMPION}`")
+    table = pd.DataFrame([{"version": v.version, "champion": "★" if registry.CHAMPION in v.aliases else "",
+                           "test_auc": v.test_auc, "run_id": v.run_id or "", "uri": v.uri}
+                          for v in registry.versions(name)])
+    shown.dataframe(table, hide_index=True,
+                    column_config={"test_auc": st.column_config.NumberColumn("test AUC", format="%.4f")})
+
+
 @st.cache_data(ttl=data.LIVE_TTL_S, show_spinner=False)
 def _lineage(uri: str, run_id: str) -> dict[str, str]:
     """A training run's dataset input (name, digest, the pipeline run that made it) and its registered
@@ -125,9 +161,10 @@ def _lineage(uri: str, run_id: str) -> dict[str, str]:
             tags = {t.key: t.value for t in inp.tags}
             out.update(dataset=inp.dataset.name, digest=inp.dataset.digest,
                        **{"pipeline run": tags.get("vitrine.pipeline_run_id", "")})
-        versions = c.search_model_versions(f"run_id = '{run_id}'")
-        out["model"] = ", ".join(f"models:/{v.name}/{v.version}" + (" (champion)" if "champion" in (v.aliases or []) else "")
-                                 for v in versions)
+        from trainer import registry
+
+        out["model"] = ", ".join(v.uri + (" (champion)" if registry.CHAMPION in v.aliases else "")
+                                 for v in registry.versions_of_run(run_id, c))
     except Exception:  # noqa: BLE001 - a store without a registry, or a deleted run: leave it blank
         pass
     return out
@@ -147,6 +184,7 @@ def render() -> None:
         return
     view = _table(_with_job_status(frame))
     _compare(uri, view)
+    _models()
     ui.mlflow_hint()
     ui.ready("runs")
 
