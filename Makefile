@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/vitrine demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m unit

@@ -136,6 +136,9 @@ def _predictor(model):
     return model.predict
 
 
+MAX_BODY_BYTES = 64 * 2**20  # about 100k scored rows with long behaviour lists; larger files: `vitrine score`
+
+
 def lean_server(model, host: str, port: int):
     """The threaded HTTP server over `model` (bound, not yet serving)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -168,7 +171,15 @@ def lean_server(model, host: str, port: int):
                 self._error(404, "ENDPOINT_NOT_FOUND", f"{self.path}: GET /ping, /health, /version; POST /invocations")
 
         def do_POST(self) -> None:  # noqa: N802
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY_BYTES:  # a request's size is bounded before it is read
+                self.close_connection = True
+                self._error(413 if length > 0 else 400, "BAD_REQUEST",
+                            f"Content-Length: expected 0..{MAX_BODY_BYTES} bytes (got {self.headers.get('Content-Length')})")
+                return
             body = self.rfile.read(length) if length else b""
             if self.path != "/invocations":
                 self._error(404, "ENDPOINT_NOT_FOUND", f"{self.path}: POST /invocations")

@@ -234,6 +234,13 @@ def _derived_tier(item: pytest.Item) -> str:
     return "unit"
 
 
+# `make test` runs the suite on two pytest-xdist workers, grouped (`--dist loadgroup`): a file's tests
+# stay together (its module fixtures are built once), and the files whose tests time a job's
+# processes (a kill stops the job within 10 s, an unreachable peer fails within 5 s, a straggler's
+# pace) run one after another in one group, never beside each other.
+TIMED_FILES = ("test_faults.py", "test_distributed.py", "test_ps.py", "test_sockets.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         explicit = {m.name for m in item.iter_markers() if m.name in TIERS}
@@ -241,6 +248,8 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid} is marked with several tiers: {sorted(explicit)}")
         if not explicit:
             item.add_marker(_derived_tier(item))
+        name = Path(str(item.fspath)).name
+        item.add_marker(pytest.mark.xdist_group("timed" if name in TIMED_FILES else name))
 
 
 # VITRINE_CHECK_TIERS=1: report the unit tests that started a process (they belong in multiprocess).

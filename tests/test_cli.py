@@ -56,6 +56,8 @@ def test_demo_generates_processes_and_says_where(tmp_path, monkeypatch, capsys):
     assert str(out) in stdout and m["mlflow_run_id"] in stdout and "reusing" not in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
     assert "workers in auto mode" in stdout and "(auto mode)" in stdout  # the distributed run, and its MLflow run
+    # It ends by serving its champion model: one scored request and the curl line that sends it.
+    assert "curl -s http://127.0.0.1:" in stdout and '-> {"predictions": [' in stdout, stdout[-3000:]
     # A second demo reuses the world instead of drawing it again (its step 1, here in-process: the rest
     # of a second demo is the first one again, a minute of CI), and draws it again when a setting changed.
     from pipeline.synth.world import WorldConfig

@@ -134,6 +134,14 @@ def test_a_bad_request_gets_400_naming_the_field(server):
         assert field in body["message"], (field, body["message"])
     status, body = _post(port, "{not json")
     assert status == 400
+    # A body's size is bounded before it is read: a claimed 1 TB is refused at once.
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    c.putrequest("POST", "/invocations")
+    c.putheader("Content-Type", "application/json")
+    c.putheader("Content-Length", str(2**40))
+    c.endheaders()
+    r = c.getresponse()
+    assert r.status == 413 and "Content-Length" in json.loads(r.read())["message"]
 
 
 def test_unknown_ids_score_as_out_of_vocabulary(run, server):
