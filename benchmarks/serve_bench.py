@@ -156,33 +156,29 @@ def main() -> int:
     if not (dataset / "manifest.json").is_file():
         print(f"serve_bench: no processed dataset at {dataset}; run `make demo` or pass --dataset", file=sys.stderr)
         return 2
-    env = dict(os.environ)
     if args.model is None:
         data_root = ROOT / "data" / "bench" / "serve"
         shutil.rmtree(data_root, ignore_errors=True)
         print(f"training a {args.steps}-step model on {dataset} (store: {data_root}) ...", flush=True)
         uri = train_model(dataset, args.steps, data_root)
-        env.update(VITRINE_DATA=str(data_root))
-        env.pop("MLFLOW_TRACKING_URI", None)
+        os.environ["VITRINE_DATA"] = str(data_root)  # the server reads the model from this store
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         uri = args.model
-    from serving.server import free_port
+    from vitrine.errors import UserError
+    from vitrine.procs import Spawned
 
-    port = free_port()
+    os.environ["PYTHONPATH"] = str(ROOT)
     ready = Path(f"/tmp/vitrine-serve-bench-{os.getpid()}.ready")
-    ready.unlink(missing_ok=True)
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--model", uri, "--port", str(port),
-                             "--ready-file", str(ready), "--server", args.server], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print(proc.communicate(timeout=10)[0] if proc.poll() is not None else "server did not start",
-                      file=sys.stderr)
-                return 1
-            time.sleep(0.1)
+        server = Spawned([sys.executable, "-m", "vitrine", "serve", "--model", uri, "--port", "0",
+                          "--ready-file", str(ready), "--server", args.server], ready,
+                         Path(f"/tmp/vitrine-serve-bench-{os.getpid()}.log"), "model server", start_timeout_s=300)
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    port = int(server.info["port"])
+    try:
         manifest = json.loads((dataset / "manifest.json").read_text())
         max_len = max((int(f.get("max_len", 0)) for f in manifest["fields"]), default=0)
         rng = np.random.default_rng(0)
@@ -192,12 +188,7 @@ def main() -> int:
                 concurrent(port, pool, args.clients, args.requests, rng)]
         load_after = os.getloadavg()[0]
     finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        server.stop(30)
         ready.unlink(missing_ok=True)
     head = "| batch | clients | requests | p50 ms | p99 ms | rows/s | requests/s |"
     lines = [head, "|---|---|---|---|---|---|---|"]

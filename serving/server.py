@@ -248,10 +248,13 @@ def serve(uri: str, host: str = "127.0.0.1", port: int = 5001, ready_file: str |
     return _serve_mlflow(model, host, port, ready_file)
 
 
-def _write_ready(ready_file: str | None, port: int) -> None:
-    if ready_file:  # for callers that wait on the port (tests, the demo, the benchmark)
-        with open(ready_file, "w") as fh:
-            fh.write(str(port))
+def _write_ready(ready_file: str | None, host: str, port: int) -> None:
+    """For callers that start the server and wait on its port (`vitrine.procs.Spawned`: the demo, the
+    benchmark, the tests): {"host", "port"}, written atomically once it accepts requests."""
+    if ready_file:
+        from vitrine.procs import write_ready
+
+        write_ready(ready_file, {"host": host, "port": port})
 
 
 def _serve_lean(model, host: str, port: int, ready_file: str | None) -> int:
@@ -263,7 +266,7 @@ def _serve_lean(model, host: str, port: int, ready_file: str | None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    _write_ready(ready_file, port)
+    _write_ready(ready_file, host, port)
     try:
         httpd.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
@@ -287,7 +290,7 @@ def _serve_mlflow(model, host: str, port: int, ready_file: str | None) -> int:
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
-            _write_ready(ready_file, port)
+            _write_ready(ready_file, host, port)
 
     threading.Thread(target=_mark, daemon=True).start()
     server.run()

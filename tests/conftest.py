@@ -151,7 +151,7 @@ TIERS = ("unit", "multiprocess", "browser")
 _BROWSER_MODULES = {"test_dashboard_e2e.py"}
 _PROCESS_FIXTURES = {"dask_address"}
 _SPAWNS = re.compile(r"\bsubprocess\.(?:run|Popen|call|check_call|check_output)\b|\bjobs\.launch\(|\bLocalCluster\("
-                     r"|\bmultiprocessing\b|\bmp\.spawn\(|\bSpawnedService\(|\bserver\.start\w*\(|\bstart_shards\(")
+                     r"|\bmultiprocessing\b|\bmp\.spawn\(|\bSpawned(?:Service)?\(|\bserver\.start\w*\(|\bstart_shards\(")
 # "module.py::test_name" (any parametrization) -> tier, for the tests that reading misjudges: processes
 # started only by the code under test, or a process-starting call that is refused before it starts one
 _TIER_OF = {

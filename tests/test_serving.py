@@ -8,16 +8,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, make_raw
+from conftest import make_raw
 
 NAME = "serving-ds"
 MODEL = f"vitrine-{NAME}"
@@ -58,22 +55,14 @@ def run(tmp_path_factory, dask_address):
 @pytest.fixture(scope="module")
 def server(run):
     """`vitrine serve --model models:/MODEL@champion` on a free port, stopped at the end."""
-    from serving.server import free_port
+    from vitrine.procs import Spawned
 
-    port = free_port()
     ready = run["root"] / "ready"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--model", f"models:/{MODEL}@champion",
-                             "--port", str(port), "--ready-file", str(ready)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.1)
-    yield {"port": port, "proc": proc}
-    proc.terminate()
-    proc.communicate(timeout=30)
+    server = Spawned([sys.executable, "-m", "vitrine", "serve", "--model", f"models:/{MODEL}@champion",
+                      "--port", "0", "--ready-file", str(ready)], ready, run["root"] / "serve.log", "model server",
+                     start_timeout_s=120)
+    yield {"port": int(server.info["port"]), "proc": server.proc}
+    assert server.stop(30) == 0, server.log_tail()  # SIGTERM: a clean stop
 
 
 def _post(port: int, payload, content_type: str = "application/json") -> tuple[int, dict]:

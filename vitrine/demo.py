@@ -70,7 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
     serve_champion(result.get("run_id"), raw, manifest)
     if not args.dashboard:
         print(f"  MLflow UI      .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1")
-        print(f"  dashboard      .venv/bin/vitrine dashboard   (then open http://127.0.0.1:8501)")
+        print("  dashboard      .venv/bin/vitrine dashboard   (then open http://127.0.0.1:8501)")
         return 0
     return _serve_dashboard(args.port)
 
@@ -96,8 +96,6 @@ def serve_champion(run_id: str | None, raw: Path, manifest: dict) -> None:
     it with `vitrine serve` (its own process, 127.0.0.1, a free port), score one impression of the
     log's last day with the request a user would send, and stop the server."""
     import json
-    import os
-    import subprocess
     import sys
     import tempfile
     import time
@@ -107,6 +105,8 @@ def serve_champion(run_id: str | None, raw: Path, manifest: dict) -> None:
 
     from serving.server import curl_line
     from trainer import registry
+    from vitrine.errors import UserError
+    from vitrine.procs import Spawned
 
     if not run_id:
         return
@@ -124,17 +124,15 @@ def serve_champion(run_id: str | None, raw: Path, manifest: dict) -> None:
               "behaviors": [int(x) for x in clicks.sort_values(["timestamp", "impression_id"]).item_id.tail(5)]}
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready"
-        proc = subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--model", uri, "--port", "0",
-                                 "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, env={**os.environ})
         try:
-            deadline = time.monotonic() + 180
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    print(f"   the server did not start: {(proc.stderr.read() if proc.poll() is not None else '')[-500:]}")
-                    return
-                time.sleep(0.1)
-            port = int(ready.read_text())
+            server = Spawned([sys.executable, "-m", "vitrine", "serve", "--model", uri, "--port", "0",
+                              "--ready-file", str(ready)], ready, Path(tmp) / "serve.log", "model server",
+                             start_timeout_s=180)
+        except UserError as exc:
+            print(f"   the server did not start: {exc}")
+            return
+        try:
+            port = int(server.info["port"])
             body = json.dumps({"dataframe_records": [record]}).encode()
             req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})
@@ -147,12 +145,7 @@ def serve_champion(run_id: str | None, raw: Path, manifest: dict) -> None:
             print(f"   the server is stopped now; start it yourself with `.venv/bin/vitrine serve --model {uri}`"
                   f" (models: `.venv/bin/vitrine model list`)")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            server.stop(30)
 
 
 def _serve_dashboard(port: int) -> int:

@@ -377,31 +377,29 @@ def report_progress(done: int, total: int, **info: Any) -> None:
 RUN_FILE = "mlflow_run.json"
 
 
-def record_mlflow_run(run_id: str, tracking_uri: str) -> None:
-    """Note this job's MLflow run (when running as a job), so that the registry can end it should the
-    job die without closing it. Never raises."""
+def _record_own(what: str, write) -> None:
+    """When this process runs as a job: `write(its job directory)`; a registry that cannot be written
+    costs a warning, never the job."""
     job_id = os.environ.get(ENV)
     if not job_id:
         return
     try:
         d = job_dir(job_id)
         if d.is_dir():
-            _write_json(d / RUN_FILE, {"run_id": str(run_id), "tracking_uri": str(tracking_uri), "pid": os.getpid()})
+            write(d)
     except (OSError, UserError, TypeError, ValueError) as exc:
-        print(f"vitrine: warning: could not record the job's MLflow run: {exc}", file=sys.stderr)
+        print(f"vitrine: warning: could not record the job's {what}: {exc}", file=sys.stderr)
+
+
+def record_mlflow_run(run_id: str, tracking_uri: str) -> None:
+    """Note this job's MLflow run, so that the registry can end it should the job die without closing it."""
+    _record_own("MLflow run", lambda d: _write_json(d / RUN_FILE, {"run_id": str(run_id), "tracking_uri": str(tracking_uri),
+                                                                     "pid": os.getpid()}))
 
 
 def set_capabilities(capabilities: list[str]) -> None:
     """Declare which control commands this job obeys (e.g. ["stop", "switch", "straggler"])."""
-    job_id = os.environ.get(ENV)
-    if not job_id:
-        return
-    try:
-        d = job_dir(job_id)
-        if d.is_dir():
-            _update(d, capabilities=sorted({str(c) for c in capabilities}))
-    except (OSError, UserError) as exc:
-        print(f"vitrine: warning: could not record the job's capabilities: {exc}", file=sys.stderr)
+    _record_own("capabilities", lambda d: _update(d, capabilities=sorted({str(c) for c in capabilities})))
 
 
 # -- steering ----------------------------------------------------------------------------------------
