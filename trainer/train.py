@@ -208,8 +208,11 @@ class Trainer:
         if getattr(self, "_ps_joined", False):
             from vitrine import rpc_group
 
-            # A graceful leave waits on every member of the group, a lost worker too (for ever).
-            rpc_group.leave(graceful=not (self.ps is not None and self.ps.lost))
+            # Not graceful: a graceful leave of a dynamic group takes a token in the group's store and
+            # asks every member; a worker SIGKILLed while holding it (PS modes tolerate that) or gone
+            # before it is asked makes every other member wait for the store's timeout. Nothing is in
+            # flight here: a PS phase waits for its pushes before it ends.
+            rpc_group.leave(graceful=False)
             self._ps_joined = False
         if self.spawned is not None:
             self.spawned.stop()
