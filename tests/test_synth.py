@@ -4,6 +4,7 @@ atomic write."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -370,6 +372,129 @@ def test_user_activity_is_skewed(small):
     assert per_user.max() > 3 * per_user.median()
 
 
+# --- scale worlds: shared images, an impression target, users in blocks ---------------------------
+
+SHARED = dict(users=150, items=1200, days=3, cold_days=1, image_size=16, impressions=1500, seed=4)
+
+
+@pytest.fixture(scope="module")
+def shared_pair(tmp_path_factory) -> tuple[Path, dict, Path, dict]:
+    """The same world with one image per item and with 120 shared images."""
+    root = tmp_path_factory.mktemp("shared")
+    own = generate(WorldConfig(**SHARED), root / "own", progress=False)
+    shared = generate(WorldConfig(**SHARED, drawn_images=120), root / "shared", progress=False)
+    return root / "own", own, root / "shared", shared
+
+
+def test_drawn_images_are_shared_by_items_of_the_same_attributes(shared_pair):
+    _, _, out, summary = shared_pair
+    items = pq.read_table(out / "items.parquet").to_pandas()
+    truth = pq.read_table(out / "truth" / "items.parquet").to_pandas()
+    files = sorted(p.name for p in (out / "images").iterdir())
+    assert len(files) == 120 and set(items.image) == set(files)  # every image drawn is used, and exists
+    assert all(re.fullmatch(r"shared-\d{6}\.(png|jpg)", f) for f in files)
+    assert {int(f[7:13]) for f in files} == set(range(120))
+    # image j shows combination j % 96, which is the item's own (hidden) colour, shape and pattern
+    j = items.image.str.slice(7, 13).astype(int).to_numpy()
+    col, shp, pat = (truth[k].to_numpy().astype(int) for k in ("color", "shape", "pattern"))
+    combo = (col * draw.N_SHAPES + shp) * draw.N_PATTERNS + pat
+    assert (j % world.ATTRIBUTE_COMBOS == combo).all()
+    # the items of a combination take its images in turn: as many items each, give or take one
+    per_image = pd.Series(j).value_counts()
+    spread = per_image.groupby(per_image.index % world.ATTRIBUTE_COMBOS).agg(lambda c: c.max() - c.min())
+    assert spread.max() <= 1 and (per_image.index >= world.ATTRIBUTE_COMBOS).sum() == 24
+    # and its pixels are drawn from those attributes with the shared image's own stream
+    png = next(f for f in files if f.endswith(".png"))
+    n = int(png[7:13])
+    c = n % world.ATTRIBUTE_COMBOS
+    expect = draw.draw_item(c // 12, (c // 3) % 4, c % 3, 16, draw.shared_rng(SHARED["seed"], n))
+    assert (np.asarray(Image.open(out / "images" / png)) == np.asarray(expect)).all()
+
+    meta = json.loads((out / "world.json").read_text())
+    assert meta["settings"]["drawn_images"] == 120 and meta["images_drawn"] == 120 == summary["images_drawn"]
+    assert meta["image_sharing"]["drawn_images"] == 120 and "share" in meta["image_sharing"]["rule"]
+    assert meta["image_sharing"]["items_per_image"] == 10.0
+
+
+def test_drawn_images_change_nothing_but_the_images(shared_pair):
+    own, s_own, shared, s_shared = shared_pair
+    assert s_own["images_drawn"] == 1200 and "image_sharing" not in s_own
+    assert len(list((own / "images").iterdir())) == 1200
+    for name in ("impressions", "users.parquet", "truth/items.parquet", "truth/impressions.parquet"):
+        assert pq.read_table(own / name).equals(pq.read_table(shared / name)), name
+    a, b = pq.read_table(own / "items.parquet"), pq.read_table(shared / "items.parquet")
+    assert a.drop(["image"]).equals(b.drop(["image"])) and not a.column("image").equals(b.column("image"))
+    own_only = ("elapsed_s", "settings", "images_drawn", "image_sharing")
+    assert {k: v for k, v in s_own.items() if k not in own_only} == {
+        k: v for k, v in s_shared.items() if k not in own_only}
+
+
+def test_impressions_target_is_independent_of_the_users(tmp_path):
+    from vitrine.config import add_dataclass_args, from_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, WorldConfig)
+    cfg = from_args(WorldConfig, parser.parse_args(["--users", "3000", "--items", "50", "--days", "4",
+                                                    "--impressions", "2000", "--scale", "2"]))
+    assert cfg.impressions == 2000 and cfg.drawn_images == 0
+    for users in (3000, 12000):
+        s = generate(WorldConfig(**{**cfg.__dict__, "users": users}), tmp_path / f"u{users}", progress=False)
+        assert abs(s["impressions"] - 4000) < 300, s["impressions"]  # the target is scaled like users and items
+        assert s["impressions_per_user_day"] == pytest.approx(4000 / (2 * users * 4))
+        assert s["users"] == 2 * users
+
+
+def test_users_are_drawn_in_blocks(small, tmp_path, monkeypatch):
+    cfg, out, _ = small
+    first = world._make_users(cfg, 64)
+    monkeypatch.setattr(world, "USER_BLOCK", 64)
+    blocks = world._make_users(cfg, 200)
+    for k, v in first.items():  # the first block is the world of 64 users
+        assert blocks[k].shape == (200, *v.shape[1:]) and v.dtype == blocks[k].dtype, k
+        assert (v == blocks[k][:64]).all(), k
+    # block b from its own stream, with the first block's preferences of the (gender, age) groups
+    _, group_pref = world._user_block(world._rng(cfg.seed, "users"), 64, cfg.categories, None)
+    for b, (lo, hi) in enumerate([(64, 128), (128, 192), (192, 200)], start=1):
+        want, _ = world._user_block(world._rng(cfg.seed, "users", b), hi - lo, cfg.categories, group_pref)
+        for k, v in want.items():
+            assert (blocks[k][lo:hi] == v).all(), (b, k)
+    assert not (blocks["taste_color"][64:128] == blocks["taste_color"][128:192]).all()
+    # the impression counts come out the same whatever the block they are drawn in
+    monkeypatch.setattr(world, "USER_BLOCK", 1 << 20)
+    monkeypatch.setattr(world, "COUNT_BLOCK", 7)
+    _gen(cfg, tmp_path / "w")
+    assert _impressions(tmp_path / "w").equals(_impressions(out))
+
+
+def test_days_without_new_items_share_a_sampler(small):
+    cfg, _, _ = small
+    w = world._World(n_users=cfg.users, n_items=cfg.items, **world._make_items(cfg, cfg.items),
+                     **world._make_users(cfg, cfg.users))
+    samplers = world._day_samplers(w, cfg.days)
+    assert len({id(s) for s in samplers}) == cfg.cold_days + 1
+    u = np.random.default_rng(0).random(500)
+    cats = np.random.default_rng(1).integers(0, cfg.categories, 500)
+    for d, s in enumerate(samplers):
+        fresh = world._DaySampler(w, d)
+        assert (s.popular(u) == fresh.popular(u)).all() and (s.explore(u) == fresh.explore(u)).all()
+        assert (s.targeted(cats, u, u[::-1]) == fresh.targeted(cats, u, u[::-1])).all()
+
+
+def test_worlds_without_the_new_options_are_unchanged(small):
+    """The small world's ids, times and clicks are those the generator wrote before --impressions,
+    --drawn-images and the blocked draws existed (a digest of the integer columns). Update the digest
+    only for a change meant to alter every world."""
+    _, out, _ = small
+    imp, items = _impressions(out), pq.read_table(out / "items.parquet")
+    h = hashlib.sha256()
+    for c in ("impression_id", "timestamp", "user_id", "item_id", "click"):
+        h.update(imp.column(c).to_numpy().astype(np.int64).tobytes())
+    for c in ("category_id", "shop_id", "first_day"):
+        h.update(items.column(c).to_numpy().astype(np.int64).tobytes())
+    assert h.hexdigest()[:16] == "c0dc74254e3d703c"
+
+
 # --- settings and the atomic write -----------------------------------------------------------------
 
 
@@ -382,6 +507,12 @@ def test_user_activity_is_skewed(small):
         dict(scale=-1.0),
         dict(cold_fraction=1.0),
         dict(image_size=8),
+        dict(drawn_images=95),  # fewer than the 96 attribute combinations
+        dict(drawn_images=101),  # more than the items
+        dict(drawn_images=-1),
+        dict(drawn_images=True),
+        dict(impressions=-5),
+        dict(impressions=2.5),
     ],
 )
 def test_bad_settings_are_user_errors(tmp_path, bad):

@@ -32,6 +32,7 @@ _HUE_STEP = 360.0 / N_COLORS  # 45 degrees between neighbouring colours
 _HUE_JITTER = 7.0  # degrees; well under half the step, so colours never overlap
 _SUPERSAMPLE = 3
 _IMAGE_TAG = 0x1A6E  # separates the image streams from the world's other random streams
+_SHARED_TAG = 0x5AED  # the streams of shared images (`--drawn-images`), apart from the items' own
 
 FORMAT_EXT = {"png": "png", "jpeg": "jpg"}
 
@@ -48,6 +49,17 @@ def image_format_for(item_id: int, image_format: str) -> str:
 def image_name(item_id: int, image_format: str) -> str:
     """File name of an item's image, e.g. `000123.png`."""
     return f"{item_id:06d}.{FORMAT_EXT[image_format_for(item_id, image_format)]}"
+
+
+def shared_image_name(image: int, image_format: str) -> str:
+    """File name of shared image `image` of a world with `--drawn-images`, e.g. `shared-000017.png`
+    (`mixed` alternates by the image's number)."""
+    return f"shared-{image:06d}.{FORMAT_EXT[image_format_for(image, image_format)]}"
+
+
+def shared_rng(seed: int, image: int) -> np.random.Generator:
+    """The random stream of shared image `image`: like `item_rng`, apart from every item's stream."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _SHARED_TAG, image])))
 
 
 def item_rng(seed: int, item_id: int) -> np.random.Generator:
@@ -202,12 +214,15 @@ def render_items(
     size: int,
     image_format: str,
     out_dir: str,
+    shared: bool = False,
 ) -> int:
     """Draw and save a batch of items' images into `out_dir`; returns how many were written.
+    With `shared`, the ids are shared images' numbers (`shared_image_name`, `shared_rng`).
     A plain module-level function so that a process pool can run it."""
     out = Path(out_dir)
+    name, rng = (shared_image_name, shared_rng) if shared else (image_name, item_rng)
     for item_id, c, s, p in zip(item_ids, colors, shapes, patterns):
         item_id = int(item_id)
-        img = draw_item(int(c), int(s), int(p), size, item_rng(seed, item_id))
-        save_image(img, out / image_name(item_id, image_format), image_format_for(item_id, image_format))
+        img = draw_item(int(c), int(s), int(p), size, rng(seed, item_id))
+        save_image(img, out / name(item_id, image_format), image_format_for(item_id, image_format))
     return len(item_ids)

@@ -32,6 +32,21 @@ for every K > i, and K = 0 writes tables and images byte-identical to those of t
 the option (world.json only gains `settings.extra_fields`). The drawn parameters are in
 `truth/extra_fields.parquet`.
 
+Scale worlds (10^6 to 10^7 users and/or items, docs/DATA.md "Scale worlds"): `--impressions N`
+sets the total number of impressions (before --scale) whatever the number of users, by setting the
+mean impressions per user and day to N / (users x days); most users of a 10^7-user world with a few
+million impressions then have none or one. `--drawn-images K` (96 <= K <= items) draws K images
+instead of one per item: shared image j shows the colour x shape x pattern combination
+j % 96, and every item shows one of the images of its own combination (chosen in turn over a
+random order of the combination's items, from its own stream), so the items keep their own hidden
+attributes and the click model above is unchanged; only the jitter of the pixels (position, scale,
+rotation, noise) is shared by the items of one image. Items name their image in `items.parquet`
+(`shared-NNNNNN.png|jpg`), and `world.json` records `images_drawn` and `image_sharing`. Users are
+drawn in blocks of USER_BLOCK (2^20) users: the first block is what a world of that many users draws
+(so smaller worlds are unchanged), block b from its own stream `users/b`, with the first block's
+category preferences of the (gender, age) groups. Neither option changes the formula; at 10^7 users
+the per-user arrays (tastes: about 3.6 GB) are what memory holds, never users x items.
+
 Everything random comes from numpy Generators (PCG64) derived from the seed and a purpose name, so
 the same config gives byte-identical tables and images. The output layout is the raw source of
 docs/DATA.md ("What `vitrine generate` writes").
@@ -91,6 +106,9 @@ START_MS = int(START.timestamp() * 1000)
 ROWS_PER_PART = 50_000  # impressions per Parquet part (whole users; a part may run a little over)
 AUC_MAX_ROWS = 5_000_000  # oracle AUCs use the rows of a random subset of users beyond this
 POOL_MIN_ITEMS = 3000  # draw images with a process pool of 2 from this many items on
+USER_BLOCK = 1 << 20  # users are drawn in blocks of this many (see _make_users)
+COUNT_BLOCK = 1 << 20  # users whose impression counts are drawn at a time
+ATTRIBUTE_COMBOS = draw.N_COLORS * draw.N_SHAPES * draw.N_PATTERNS  # 96: the least --drawn-images
 FORMATS = ("png", "jpeg", "mixed")
 
 SOURCE_TOML = """\
@@ -162,6 +180,21 @@ class WorldConfig:
     scale: float = field(
         default=1.0, metadata={"help": "multiplies users and items (10 gives about 1M impressions)"}
     )
+    impressions: int = field(
+        default=0,
+        metadata={
+            "help": "target number of impressions (before --scale), whatever the number of users: sets the "
+            "mean impressions per user and day to impressions / (users x days); 0 = use "
+            "--impressions-per-user-day"
+        },
+    )
+    drawn_images: int = field(
+        default=0,
+        metadata={
+            "help": "draw only this many images (at least 96, at most the items) and let items share them: an "
+            "item shows one of the drawn images of its own colour, shape and pattern; 0 = one image per item"
+        },
+    )
     extra_fields: int = field(
         default=0,
         metadata={
@@ -223,10 +256,27 @@ def _validate(cfg: WorldConfig) -> tuple[int, int]:
         raise bad(f"--image-size must be in [16, 1024], got {cfg.image_size}")
     if cfg.image_format not in FORMATS:
         raise bad(f"--image-format must be one of {', '.join(FORMATS)}, got {cfg.image_format!r}")
+
+    def count(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+    if not count(cfg.impressions) or cfg.impressions < 0:
+        raise bad(f"--impressions must be an integer >= 0, got {cfg.impressions!r}")
+    k = cfg.drawn_images
+    if not count(k) or not (k == 0 or ATTRIBUTE_COMBOS <= k <= n_items):
+        raise bad(f"--drawn-images must be 0 (one image per item) or an integer in [{ATTRIBUTE_COMBOS}, items] = "
+                  f"[{ATTRIBUTE_COMBOS}, {n_items}] (at least one image per colour x shape x pattern), got {k!r}")
     k = cfg.extra_fields
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (0 <= k <= EXTRA_FIELDS_MAX):
         raise bad(f"--extra-fields must be an integer in [0, {EXTRA_FIELDS_MAX}], got {k!r}")
     return n_users, n_items
+
+
+def _rate(cfg: WorldConfig, n_users: int) -> float:
+    """Mean impressions per user and day: from --impressions when given, else the setting."""
+    if cfg.impressions:
+        return cfg.impressions * cfg.scale / (n_users * cfg.days)
+    return cfg.impressions_per_user_day
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
@@ -318,14 +368,36 @@ def _signed_taste(rng: np.random.Generator, n: int, k: int, n_like: int, n_disli
 
 
 def _make_users(cfg: WorldConfig, n_users: int) -> dict[str, np.ndarray]:
-    rng = _rng(cfg.seed, "users")
-    C = cfg.categories
+    """Users in blocks of USER_BLOCK: the first block draws from `_rng(seed, "users")` exactly as a
+    world of at most USER_BLOCK users always has (so such worlds are unchanged), block b > 0 from
+    `_rng(seed, "users", b)` with the first block's category preferences of the (gender, age)
+    groups. Every array is filled in place, so a 10^7-user world peaks at its per-user arrays plus
+    one block's temporaries."""
+    first, group_pref = _user_block(_rng(cfg.seed, "users"), min(n_users, USER_BLOCK), cfg.categories, None)
+    if n_users <= USER_BLOCK:
+        return first
+    out = {k: np.empty((n_users, *v.shape[1:]), dtype=v.dtype) for k, v in first.items()}
+    for start in range(0, n_users, USER_BLOCK):
+        stop = min(start + USER_BLOCK, n_users)
+        block = first if start == 0 else _user_block(
+            _rng(cfg.seed, "users", start // USER_BLOCK), stop - start, cfg.categories, group_pref)[0]
+        for k, v in block.items():
+            out[k][start:stop] = v
+        del block
+    return out
+
+
+def _user_block(rng: np.random.Generator, n_users: int, C: int,
+                group_pref: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`n_users` users from `rng`; `group_pref` is drawn here (between the ages and the liked
+    categories, as always) when not given."""
     gender = rng.integers(0, GENDERS, size=n_users)
     age = rng.choice(AGE_BUCKETS, size=n_users, p=np.array([0.10, 0.25, 0.27, 0.20, 0.12, 0.06]))
     # liked categories: each (gender, age) group prefers its own mixture of categories, so the
     # profile carries some signal
-    groups = GENDERS * AGE_BUCKETS
-    group_pref = 0.5 * rng.dirichlet(np.full(C, 0.6), size=groups) + 0.5 * _zipf_weights(C, CATEGORY_ZIPF)
+    if group_pref is None:
+        groups = GENDERS * AGE_BUCKETS
+        group_pref = 0.5 * rng.dirichlet(np.full(C, 0.6), size=groups) + 0.5 * _zipf_weights(C, CATEGORY_ZIPF)
     g = gender * AGE_BUCKETS + age
     n_liked = np.minimum(1 + rng.poisson(1.0, size=n_users), min(MAX_LIKED_CATEGORIES, C))
     gumbel = -np.log(-np.log(rng.random((n_users, C)) + 1e-300) + 1e-300)
@@ -359,7 +431,7 @@ def _make_users(cfg: WorldConfig, n_users: int) -> dict[str, np.ndarray]:
         color_mean=taste_color.mean(axis=1),
         shape_mean=taste_shape.mean(axis=1),
         pattern_mean=taste_pattern.mean(axis=1),
-    )
+    ), group_pref
 
 
 def extra_field_name(i: int) -> str:
@@ -420,16 +492,19 @@ class _DaySampler:
     """Samples ad items for one day: Zipf popularity among available items, targeted (popularity
     within a given category) or uniform exploration among available items."""
 
-    def __init__(self, w: _World, day: int):
+    def __init__(self, w: _World, day: int, like: "_DaySampler | None" = None):
         avail = w.first_day <= day
         weights = np.where(avail, w.popularity, 0.0)
         self.cum = np.cumsum(weights)
         self.avail_ids = np.flatnonzero(avail)
-        self.by_cat = np.argsort(w.category, kind="stable")
-        cat_sorted = w.category[self.by_cat]
-        C = int(w.taste_cat.shape[1])
-        self.cat_start = np.searchsorted(cat_sorted, np.arange(C), side="left")
-        self.cat_end = np.searchsorted(cat_sorted, np.arange(C), side="right")
+        if like is not None:  # the items by category do not depend on the day
+            self.by_cat, self.cat_start, self.cat_end = like.by_cat, like.cat_start, like.cat_end
+        else:
+            self.by_cat = np.argsort(w.category, kind="stable")
+            cat_sorted = w.category[self.by_cat]
+            C = int(w.taste_cat.shape[1])
+            self.cat_start = np.searchsorted(cat_sorted, np.arange(C), side="left")
+            self.cat_end = np.searchsorted(cat_sorted, np.arange(C), side="right")
         self.cum_cat = np.cumsum(weights[self.by_cat])
         ext = np.r_[0.0, self.cum_cat]
         self.cat_base = ext[self.cat_start]
@@ -454,6 +529,18 @@ class _DaySampler:
 
     def explore(self, u: np.ndarray) -> np.ndarray:
         return self.avail_ids[np.minimum((u * self.avail_ids.size).astype(np.int64), self.avail_ids.size - 1)]
+
+
+def _day_samplers(w: _World, days: int) -> list[_DaySampler]:
+    """One sampler per day; days on which no item first appears share the previous day's (they would
+    be equal), so a world of 10^7 items holds cold_days + 1 samplers, not one per day."""
+    out: list[_DaySampler] = []
+    for d in range(days):
+        if out and not (w.first_day == d).any():
+            out.append(out[-1])
+        else:
+            out.append(_DaySampler(w, d, out[-1] if out else None))
+    return out
 
 
 def _simulate_chunk(
@@ -527,11 +614,13 @@ def _simulate_chunk(
     offs = (np.cumsum(tot) - tot)[perm]
     tot_sorted_asc = np.sort(tot)
     C = w.taste_cat.shape[1]
-    s_cat = np.zeros((n, C))
-    s_col = np.zeros((n, draw.N_COLORS))
-    s_shp = np.zeros((n, draw.N_SHAPES))
-    grp_start = np.zeros(n, dtype=np.int64)  # k at which the user's current equal-timestamp run began
-    pos_all = np.arange(n)
+    # state by position in `perm`: only the first n_active users (those with impressions) ever have one
+    n_active = int(np.count_nonzero(tot))
+    s_cat = np.zeros((n_active, C))
+    s_col = np.zeros((n_active, draw.N_COLORS))
+    s_shp = np.zeros((n_active, draw.N_SHAPES))
+    grp_start = np.zeros(n_active, dtype=np.int64)  # k at which the user's current equal-timestamp run began
+    pos_all = np.arange(n_active)
     maxk = int(tot.max()) if n else 0
 
     def apply_clicks(users: np.ndarray, rows: np.ndarray) -> None:
@@ -579,25 +668,53 @@ def _simulate_chunk(
     )
 
 
-def _render_images(cfg: WorldConfig, w: _World, images_dir: Path, progress: bool) -> None:
-    ids = np.arange(w.n_items)
+def _shared_images(cfg: WorldConfig, w: _World) -> tuple[np.ndarray, np.ndarray]:
+    """--drawn-images K: (the shared image of every item, the shared images some item shows).
+
+    Shared image j shows attribute combination j % ATTRIBUTE_COMBOS (colour, shape, pattern: every
+    combination has ceil((K - c) / ATTRIBUTE_COMBOS) images). The items of one combination, in a
+    random order of their own stream, take that combination's images in turn, so each is shown by
+    about as many items, and every one is used where the combination has as many items as images."""
+    k = cfg.drawn_images
+    combo = (w.color.astype(np.int64) * draw.N_SHAPES + w.shape) * draw.N_PATTERNS + w.pattern
+    perm = _rng(cfg.seed, "drawn_images").permutation(w.n_items)
+    c = combo[perm]
+    order = np.argsort(c, kind="stable")
+    c = c[order]
+    rank = np.arange(w.n_items) - np.searchsorted(c, np.arange(ATTRIBUTE_COMBOS), side="left")[c]
+    per_combo = -(-(k - np.arange(ATTRIBUTE_COMBOS)) // ATTRIBUTE_COMBOS)
+    image = np.empty(w.n_items, dtype=np.int64)
+    image[perm[order]] = c + ATTRIBUTE_COMBOS * (rank % per_combo[c])
+    return image, np.flatnonzero(np.bincount(image, minlength=k))
+
+
+def _combo_attributes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Colour, shape and pattern of shared images (image j shows combination j % ATTRIBUTE_COMBOS)."""
+    c = images % ATTRIBUTE_COMBOS
+    return c // (draw.N_SHAPES * draw.N_PATTERNS), (c // draw.N_PATTERNS) % draw.N_SHAPES, c % draw.N_PATTERNS
+
+
+def _render_images(cfg: WorldConfig, ids: np.ndarray, color: np.ndarray, shape: np.ndarray, pattern: np.ndarray,
+                   images_dir: Path, progress: bool, shared: bool = False) -> None:
+    """Draw images `ids` (items, or shared images with `shared`) with these attributes."""
     batch = 256
     batches = [
         (
             cfg.seed,
             ids[i : i + batch].tolist(),
-            w.color[i : i + batch].tolist(),
-            w.shape[i : i + batch].tolist(),
-            w.pattern[i : i + batch].tolist(),
+            color[i : i + batch].tolist(),
+            shape[i : i + batch].tolist(),
+            pattern[i : i + batch].tolist(),
             cfg.image_size,
             cfg.image_format,
             str(images_dir),
+            shared,
         )
-        for i in range(0, w.n_items, batch)
+        for i in range(0, len(ids), batch)
     ]
-    bar = tqdm(total=w.n_items, desc="images", unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(ids), desc="images", unit="img", disable=not progress, file=sys.stderr)
     try:
-        if w.n_items >= POOL_MIN_ITEMS and (os.cpu_count() or 1) > 1:
+        if len(ids) >= POOL_MIN_ITEMS and (os.cpu_count() or 1) > 1:
             # fork where there is one: workers need no re-import, so a caller's script without a
             # `__main__` guard works too; they only run numpy and Pillow, which are fork-safe
             methods = multiprocessing.get_all_start_methods()
@@ -629,7 +746,13 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
     (root / "truth").mkdir()
     (root / "impressions").mkdir()
     (root / "images").mkdir()
-    names = [draw.image_name(i, cfg.image_format) for i in range(n_items)]
+    if cfg.drawn_images:
+        item_image, drawn = _shared_images(cfg, w)
+        names = pa.array([draw.shared_image_name(j, cfg.image_format) for j in range(cfg.drawn_images)],
+                         pa.string()).take(pa.array(item_image))
+    else:
+        names = pa.array([draw.image_name(i, cfg.image_format) for i in range(n_items)], pa.string())
+        drawn = np.arange(n_items)
     _write_table(
         pa.table(
             {
@@ -637,7 +760,7 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
                 "category_id": pa.array(w.category, pa.int64()),
                 "shop_id": pa.array(w.shop, pa.int64()),
                 "first_day": pa.array(w.first_day, pa.int32()),
-                "image": pa.array(names, pa.string()),
+                "image": names,
                 **{k: pa.array(v, pa.int32()) for k, v in extra["item_cols"].items()},
             }
         ),
@@ -669,25 +792,33 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
         _write_table(extra["info"], root / "truth" / "extra_fields.parquet")
     (root / "source.toml").write_text(_source_toml(list(extra["user_cols"]), list(extra["item_cols"])))
 
-    report_progress(1, 4, stage="images", text=f"drawing {n_items} images")
-    _render_images(cfg, w, root / "images", progress)
+    report_progress(1, 4, stage="images", text=f"drawing {drawn.size} images")
+    if cfg.drawn_images:
+        _render_images(cfg, drawn, *_combo_attributes(drawn), root / "images", progress, shared=True)
+    else:
+        _render_images(cfg, drawn, w.color, w.shape, w.pattern, root / "images", progress)
 
-    # impressions per user and day, then whole users grouped into parts of ~ROWS_PER_PART rows
-    counts = _rng(cfg.seed, "counts").poisson(
-        w.activity[:, None] * cfg.impressions_per_user_day, size=(n_users, cfg.days)
-    ).astype(np.int64)
-    per_user = counts.sum(axis=1)
+    # impressions per user and day, then whole users grouped into parts of ~ROWS_PER_PART rows;
+    # drawn for COUNT_BLOCK users at a time from one stream (the same numbers as one call: numpy
+    # draws an array's elements in order)
+    rate = _rate(cfg, n_users)
+    count_rng = _rng(cfg.seed, "counts")
+    counts = np.empty((n_users, cfg.days), dtype=np.int32)
+    for a in range(0, n_users, COUNT_BLOCK):
+        b = min(a + COUNT_BLOCK, n_users)
+        counts[a:b] = count_rng.poisson(w.activity[a:b, None] * rate, size=(b - a, cfg.days))
+    per_user = counts.sum(axis=1, dtype=np.int64)
     total = int(per_user.sum())
     part_of_user = (np.cumsum(per_user) - per_user) // ROWS_PER_PART
     bounds = np.r_[0, np.flatnonzero(np.diff(part_of_user)) + 1, n_users]
 
-    samplers = [_DaySampler(w, d) for d in range(cfg.days)]
+    samplers = _day_samplers(w, cfg.days)
     # oracle metrics keep ~21 bytes a row: above AUC_MAX_ROWS, only the rows of a random subset of
     # users (whole users, so that the GAUC stays unbiased)
     keep_user = _rng(cfg.seed, "oracle").random(n_users) < min(1.0, AUC_MAX_ROWS / max(total, 1))
     ps, pnv, pns, clicks, users_all = [], [], [], [], []
     n_clicks, sum_p = 0, 0.0
-    shown_cold: set[int] = set()
+    shown_cold = np.zeros(n_items, dtype=bool)
     cold_mask = w.first_day > 0
     next_id = 0
     truth_writer = pq.ParquetWriter(root / "truth" / "impressions.parquet", TRUTH_SCHEMA, compression="snappy")
@@ -723,7 +854,7 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
             users_all.append(r["user"][keep].astype(np.int32))
             n_clicks += int(r["click"].sum(dtype=np.int64))
             sum_p += float(r["p"].sum())
-            shown_cold.update(np.unique(r["item"][cold_mask[r["item"]]]).tolist())
+            shown_cold[r["item"][cold_mask[r["item"]]]] = True
             bar.update(nrow)
         n_parts = len(bounds) - 1
         if n_parts == 0:  # no impressions at all: one empty part keeps the layout readable
@@ -746,6 +877,7 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
         "shops": cfg.shops,
         "days": cfg.days,
         "impressions": total,
+        "impressions_per_user_day": rate,
         "clicks": n_clicks,
         "ctr": n_clicks / total if total else None,
         "mean_p_click": sum_p / total if total else None,
@@ -756,7 +888,16 @@ def _build(cfg: WorldConfig, root: Path, n_users: int, n_items: int, progress: b
         "oracle_gauc": _defined(metrics.gauc(y, p, g)),
         "oracle_gauc_without_visual": _defined(metrics.gauc(y, p_nv, g)),
         "cold_items": int(cold_mask.sum()),
-        "cold_items_shown": len(shown_cold),
+        "cold_items_shown": int(np.count_nonzero(shown_cold)),
+        "images_drawn": int(drawn.size),
+        **({"image_sharing": {
+            "drawn_images": cfg.drawn_images,
+            "files": "images/shared-NNNNNN.(png|jpg); items.parquet's image column names each item's",
+            "rule": f"shared image j shows colour x shape x pattern combination j % {ATTRIBUTE_COMBOS}; an item "
+                    "shows one of the images of its own combination (its hidden attributes are its own, as "
+                    "without sharing), so items with the same attributes share pixels",
+            "items_per_image": round(n_items / max(drawn.size, 1), 3),
+        }} if cfg.drawn_images else {}),
         "impression_parts": n_parts,
         "start": START.isoformat().replace("+00:00", "Z"),
         "model": {
