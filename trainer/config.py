@@ -74,6 +74,11 @@ class ModelSettings:
     id_dropout: float = field(default=0.2, metadata=_h("share of training rows whose ad item and image IDs are replaced by OOV, so the model learns to score items it has no ID for (cold start)"))
     optimizer: str = field(default="adam", metadata=_h("adam (paper) or sgd", choices=("adam", "sgd")))
     lr: float = field(default=1e-3, metadata=_h("learning rate of the model and of the descriptor head"))
+    embedding_optimizer: str = field(default="lazy_adam", metadata=_h(
+        "optimizer of the embedding tables: lazy_adam or rowwise_adagrad update only the rows a batch "
+        "touches, so a step costs the same for any vocabulary (trainer/row_optim.py); dense: --optimizer "
+        "over whole tables", choices=("lazy_adam", "rowwise_adagrad", "dense")))
+    embedding_lr: float | None = field(default=None, metadata=_h("learning rate of the embedding tables (default: --lr)"))
     lr_decay: float = field(default=0.9, metadata=_h("multiply the learning rate by this every lr_decay_steps"))
     lr_decay_steps: int = field(default=24_000, metadata=_h("steps between learning-rate decays (paper: 24k)"))
 
@@ -144,7 +149,12 @@ class TrainConfig(RunSettings, PicassoSettings, GBASettings, ModelSettings, Dist
         from trainer.model import ModelConfig
 
         return ModelConfig(embed_dim=self.embed_dim, mlp=self.mlp, features=self.features,
-                           aggregator=self.aggregator, image_dim=self.image_dim, packing=self.packing)
+                           aggregator=self.aggregator, image_dim=self.image_dim, packing=self.packing,
+                           sparse=self.embedding_optimizer != "dense")
+
+    def table_lr(self, lr: float) -> float:
+        """The embedding tables' learning rate when the dense layers' is `lr` (the same schedule)."""
+        return lr if self.embedding_lr is None else lr * self.embedding_lr / self.lr
 
     def image_gba(self) -> tuple[int, float]:
         """(threshold, decay) of the image service's gba policy: the PS's unless set on their own."""
@@ -177,6 +187,8 @@ class TrainConfig(RunSettings, PicassoSettings, GBASettings, ModelSettings, Dist
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         need(all(int(h) >= 1 for h in self.mlp), f"--mlp sizes must be >= 1 (got {' '.join(map(str, self.mlp))})")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
+        need(self.embedding_lr is None or (self.embedding_lr > 0 and math.isfinite(self.embedding_lr)),
+             f"--embedding-lr must be a positive number (got {self.embedding_lr})")
         need(0 <= self.id_dropout < 1, f"--id-dropout must be in [0, 1) (got {self.id_dropout})")
         need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
         need(self.global_batch >= 0, f"--global-batch must be >= 0 (0 = batch_size x workers; got {self.global_batch})")

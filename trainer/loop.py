@@ -99,6 +99,8 @@ def fit(trainer, run_dir: Path, logger) -> dict[str, Any]:
     if trainer.switches:
         final["switches"] = [list(x) for x in trainer.switches]
     final.update(ps_figures)
+    if trainer.exchange_steps:  # all-reduce phases: what this worker put into each step's exchanges
+        final["ar_exchange_bytes_per_step"] = trainer.exchange_bytes / trainer.exchange_steps
     trainer.save_checkpoint(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
     return final

@@ -56,6 +56,9 @@ class ModelConfig:
     packing: bool = field(default=False, metadata={
         "help": "one embedding table for every vocabulary (per-vocabulary row offsets) and one lookup per "
                 "forward, instead of a table and a lookup per field (PICASSO's packing)"})
+    sparse: bool = field(default=False, metadata={
+        "help": "embedding tables give sparse gradients (only the looked-up rows), for the row-wise "
+                "optimizers of trainer/row_optim.py; the forward pass is the same"})
 
     def __post_init__(self) -> None:
         self.mlp = tuple(int(h) for h in self.mlp)
@@ -114,7 +117,7 @@ class DICM(nn.Module):
             for vocab, size in fmap.vocabs.items():
                 self.start[vocab] = total
                 total += max(size - 1, 0)
-            self.packed = nn.Embedding(total, d, padding_idx=0)
+            self.packed = nn.Embedding(total, d, padding_idx=0, sparse=cfg.sparse)
             nn.init.normal_(self.packed.weight, std=EMBED_STD)
             with torch.no_grad():
                 self.packed.weight[0].zero_()
@@ -128,7 +131,7 @@ class DICM(nn.Module):
             k = _key(vocab)
             if k in self.embeddings:
                 raise UserError(f"vocabulary names {vocab!r} and another collide as {k!r}")
-            table = nn.Embedding(size, d, padding_idx=0)
+            table = nn.Embedding(size, d, padding_idx=0, sparse=cfg.sparse)
             nn.init.normal_(table.weight, std=EMBED_STD)
             with torch.no_grad():
                 table.weight[0].zero_()
@@ -181,6 +184,12 @@ class DICM(nn.Module):
             if hit:
                 return hit[0]
         return cats[0]
+
+    def table_parameters(self) -> dict[str, nn.Parameter]:
+        """The embedding tables by parameter name (`packed.weight`, or `embeddings.<vocab>.weight`)."""
+        if self.packed is not None:
+            return {"packed.weight": self.packed.weight}
+        return {f"embeddings.{k}.weight": t.weight for k, t in self.embeddings.items()}
 
     def table(self, f: Field) -> nn.Embedding:
         """The embedding table a field looks up (unpacked models)."""

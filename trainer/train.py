@@ -45,6 +45,8 @@ from trainer.distributed.allreduce import DistContext
 from trainer.distributed.launch import PS_KEY_ENV, RPC_GROUP_ENV, SERVICE_ENV
 from trainer.watchdog import RUN_ID_FILE, guarded
 from trainer.model import DICM
+from trainer.row_optim import RowOptimizer, TableOptimizer
+from trainer.ps.layout import load_optimizer_state_by_name, optimizer_state_by_name
 from trainer.switching import Decision, SwitchPolicy
 from trainer.coordinator import read_commands
 from trainer.loop import fit
@@ -79,8 +81,15 @@ class Trainer:
         self.model = DICM(self.fmap, mcfg).to(getattr(torch, cfg.dtype))
         self.spawned: SpawnedService | None = None
         self.service = self._open_image_service(run_dir) if mcfg.features != "ids" else None
-        params = self.model.parameters()
+        # The embedding tables get a row-wise optimizer (only touched rows), the rest --optimizer; with
+        # --embedding-optimizer dense, --optimizer takes everything (the tables' whole gradients).
+        tables = self.model.table_parameters() if cfg.embedding_optimizer != "dense" else {}
+        self.tables = TableOptimizer(RowOptimizer(cfg.embedding_optimizer), tables) if tables else None
+        self.dense_params = [p for n, p in self.model.named_parameters() if n not in tables]
+        params = self.dense_params
         self.opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr))
+        self.exchange_bytes = 0  # all-reduce steps: bytes this worker put into the step's exchanges
+        self.exchange_steps = 0
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_decay_steps, gamma=cfg.lr_decay)
         # In AR every worker reads the global batch (same seed, same order) and trains on its slice.
         lcfg = LoaderConfig(batch_size=cfg.step_batch(), shuffle_buffer=cfg.shuffle_buffer,
@@ -146,6 +155,20 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.sched._last_lr = [lr for _ in self.opt.param_groups]
+
+    def optimizer_state(self) -> dict[str, dict[str, Any]]:
+        """Every parameter's optimizer state by parameter name (what the PS shards take)."""
+        out = optimizer_state_by_name(self.model, self.opt)
+        if self.tables is not None:
+            out.update(self.tables.state_by_name())
+        return out
+
+    def load_optimizer_state(self, state: dict[str, dict[str, Any]]) -> None:
+        """The inverse of `optimizer_state` (the state read back from the PS shards)."""
+        tables = self.tables.tables if self.tables is not None else {}
+        load_optimizer_state_by_name(self.model, self.opt, {n: st for n, st in state.items() if n not in tables})
+        if self.tables is not None:
+            self.tables.load_state_by_name(state)
 
     # -- the state's moves: runners and the loop change the position and the mode only through these --
     def switch_phase(self, new: str, why: str) -> None:
@@ -246,9 +269,14 @@ class Trainer:
             # workers end after the same step (one that stopped alone would leave the others waiting).
             pending = self._stop_pending
             switch, self._switch_pending = self._switch_pending, None
-            rep = allreduce.all_reduce_step(self.model, self.ctx, float(loss.detach()), pending,
+            rep = allreduce.all_reduce_step(self.dense_params, self.ctx, float(loss.detach()), pending,
                                             own_s + pause, new_straggler,
                                             MODE_CODES[switch.to] if switch else 0)
+            self.exchange_bytes += rep.bytes
+            self.exchange_steps += 1
+            if self.tables is not None:  # (row, gradient) pairs of the global batch: bytes set by the batch
+                rows, sent = allreduce.exchange_rows(self.tables.local_gradients(), self.ctx)
+                self.exchange_bytes += sent
             t_reduced = time.perf_counter()
             self.stop_requested = rep.stop
             self.worker_step_s = rep.step_s
@@ -264,7 +292,12 @@ class Trainer:
 
                 self.straggler = Straggler.from_tuple(rep.straggler)
             loss = torch.tensor(rep.loss)
+        elif self.tables is not None:
+            rows = self.tables.local_gradients()
+        lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
+        if self.tables is not None:
+            self.tables.step(rows, self.cfg.table_lr(lr))
         self.sched.step()
         img.push_gradients(self.service, token=self.step)
         if self.service is not None:
@@ -385,6 +418,7 @@ class Trainer:
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "table_optimizer": self.tables.state_by_name() if self.tables is not None else None,
             "scheduler": self.sched.state_dict(),
             "service": self.service.state_dict() if self.service is not None else None,
             "rng": torch.get_rng_state(), "config": asdict(self.cfg), "run_id": self.run_id,
@@ -394,6 +428,8 @@ class Trainer:
     def load_state(self, st: dict[str, Any]) -> None:
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
+        if self.tables is not None:
+            self.tables.load_state_by_name(st["table_optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         if self.service is not None and st["service"] is not None:
             self.service.load_state_dict(st["service"])
@@ -436,7 +472,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume:
         run_dir = Path(cfg.resume).resolve()
         st = checkpoint.load(run_dir)
-        saved = {"packing": False, **st["config"]}  # runs from before --packing existed were unpacked
+        # Runs from before --packing were unpacked; from before the row-wise optimizers, dense.
+        saved = {"packing": False, "embedding_optimizer": "dense", **st["config"]}
         # The run continues with its own settings; only the progress display and where the image
         # service is (a restarted one may listen elsewhere) may differ.
         keep = {"progress": cfg.progress, "image_service": cfg.image_service if cfg.image_service != "local"

@@ -232,7 +232,9 @@ def start_shards(cfg, run_dir: Path, key: str, group: str, host_group: bool) -> 
             argv = [sys.executable, "-m", "trainer.ps.server", "--shard", str(s), "--shards", str(cfg.ps_shards),
                     "--key", key, "--group", group, "--world", str(cfg.workers), "--optimizer", cfg.optimizer,
                     "--lr", repr(cfg.lr), "--lr-decay", repr(cfg.lr_decay), "--lr-decay-steps", str(cfg.lr_decay_steps),
-                    "--ready-file", str(ready)]
+                    "--embedding-optimizer", cfg.embedding_optimizer, "--ready-file", str(ready)]
+            if cfg.embedding_lr is not None:
+                argv += ["--embedding-lr", repr(cfg.embedding_lr)]
             if host_group and s == 0:
                 argv.append("--host-group")
             out.append(Spawned(argv, ready, run_dir / f"ps{s}.log", f"parameter-server shard {s}", 120.0))

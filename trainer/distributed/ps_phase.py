@@ -31,7 +31,7 @@ from trainer.distributed import allreduce
 from trainer.distributed.allreduce import DistContext
 from trainer.images import image_inputs
 from trainer.ps.client import PSClient
-from trainer.ps.layout import Layout, load_optimizer_state_by_name, optimizer_state_by_name
+from trainer.ps.layout import Layout
 
 if TYPE_CHECKING:
     from trainer.train import Trainer
@@ -64,7 +64,7 @@ class PSPhase:
         """Coordinator: hand the model and optimizer state to the shards and open the token book."""
         t, cfg = self.t, self.t.cfg
         params = {n: p.detach() for n, p in t.model.named_parameters()}
-        self.client.load(params, optimizer_state_by_name(t.model, t.opt), t.step)
+        self.client.load(params, t.optimizer_state(), t.step)
         self.client.configure(mode, self.ctx.world, cfg.gba_threshold, cfg.gba_decay, t.step)
         self.client.tokens("start", t.step, first_batch, end_batch, self.ctx.world, cfg.max_staleness,
                            t.straggler.as_tuple())
@@ -124,7 +124,7 @@ class PSPhase:
         with torch.no_grad():
             for n, p in t.model.named_parameters():
                 p.copy_(params[n])
-        load_optimizer_state_by_name(t.model, t.opt, state)
+        t.load_optimizer_state(state)
         t.set_step(step)
 
     def _hot_cache(self, fraction: float, bound: int):
@@ -261,9 +261,12 @@ class PSPhase:
         clock("image_push")
         dense = {n: (self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n]))
                  for n in self.dense_names}
-        sparse = {name: (rows, self.params[name].grad[rows] if self.params[name].grad is not None
-                         else torch.zeros((rows.numel(), self.params[name].shape[1]), dtype=self.params[name].dtype))
-                  for name, rows in ids.items()}
+        if t.tables is not None:  # sparse gradients: the rows the slice looked up, coalesced
+            sparse = t.tables.local_gradients()
+        else:
+            sparse = {name: (rows, self.params[name].grad[rows] if self.params[name].grad is not None
+                             else torch.zeros((rows.numel(), self.params[name].shape[1]), dtype=self.params[name].dtype))
+                      for name, rows in ids.items()}
         self.client.push(int(tok["id"]), stamp, dense, sparse)
         clock("push")
         n = int(batch["label"].shape[0])

@@ -5,8 +5,8 @@ local row r // S, so a hot vocabulary's rows spread evenly and a worker asks eac
 rows its batch touches. Every other tensor (MLPs, attention, PReLU slopes) is dense and lives whole
 on shard i % S (i = its place in the model's parameter order), so dense pulls spread over shards too.
 
-The optimizer state splits the same way (each per-element state tensor is cut like its parameter,
-scalars such as Adam's `step` are copied), so a switch between all-reduce and PS modes, and a
+The optimizer state splits the same way (a table's state tensors indexed by row are cut like the
+table, scalars such as Adam's `step` are copied), so a switch between all-reduce and PS modes, and a
 checkpoint taken in either, carries the exact optimizer state across.
 """
 
@@ -70,7 +70,7 @@ class Layout:
                     continue
                 p_part[name] = self._cut(name, params[name], shard)
                 st = opt_state.get(name, {})
-                s_part[name] = {k: (self._cut(name, v, shard) if _per_element(v, params[name]) else
+                s_part[name] = {k: (self._cut(name, v, shard) if self._per_row(name, v, params[name]) else
                                     (v.clone() if isinstance(v, Tensor) else v)) for k, v in st.items()}
             parts.append({"params": p_part, "state": s_part})
         return parts
@@ -91,8 +91,8 @@ class Layout:
             params[name] = full
             st: dict[str, Any] = {}
             for k, v in parts[0]["state"][name].items():
-                if _per_element(v, parts[0]["params"][name]):
-                    whole = v.new_empty(shape)
+                if self._per_row(name, v, parts[0]["params"][name]):
+                    whole = v.new_empty((shape[0], *v.shape[1:]))
                     for shard, part in enumerate(parts):
                         whole[shard::self.shards] = part["state"][name][k]
                     st[k] = whole
@@ -102,8 +102,10 @@ class Layout:
         return params, state
 
 
-def _per_element(v: Any, param: Tensor) -> bool:
-    return isinstance(v, Tensor) and v.shape == param.shape and v.dim() > 0
+    def _per_row(self, name: str, v: Any, param: Tensor) -> bool:
+        """A table's state tensor indexed by row first (Adam's moments (V, d), row-wise Adagrad's (V,)):
+        cut like the table. Scalars (`step`) are copied."""
+        return self.is_table(name) and isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == param.shape[0]
 
 
 # -- torch optimizer state by parameter name ----------------------------------------------------------

@@ -122,12 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-decay", type=float, default=1.0)
     ap.add_argument("--lr-decay-steps", type=int, default=1 << 62)
+    ap.add_argument("--embedding-optimizer", default="dense", choices=("dense", "lazy_adam", "rowwise_adagrad"))
+    ap.add_argument("--embedding-lr", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ready-file", required=True)
     ap.add_argument("--rpc-timeout-s", type=float, default=300.0)
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, a.threads))
-    _SHARD = ParameterShard(a.shard, a.shards, a.optimizer, a.lr, a.lr_decay, a.lr_decay_steps)
+    _SHARD = ParameterShard(a.shard, a.shards, a.optimizer, a.lr, a.lr_decay, a.lr_decay_steps,
+                            a.embedding_optimizer, a.embedding_lr)
     if a.shard == 0:
         _BOOK = TokenBook(_SHARD, a.world)
     stop = threading.Event()

@@ -14,9 +14,13 @@ Modes (`configure`):
 `every`, so the coordinator can evaluate the model of exactly that step (an epoch's end) while the
 other workers train on; `snapshot(step)` returns the copy.
 
-Every update is one dense optimizer step over the whole shard: untouched rows get a zero gradient,
-exactly as the all-reduce mode's dense gradients give them, so Adam's moments (and therefore the
-model) evolve the same way in every mode, and a switch needs no re-tuning.
+An update is one step of the dense layers' optimizer over this shard's dense tensors and, for its
+table rows, one step of the row-wise optimizer (trainer/row_optim.py) over exactly the rows the
+update's pushes carry, their gradients summed with their weights: the same rows and the same rule as
+in single and all-reduce training, so the model evolves the same way in every mode and a switch
+needs no re-tuning, and an update costs what its pushes carry, not the shard's vocabulary. (With
+`--embedding-optimizer dense` the tables take the dense optimizer: untouched rows get a zero
+gradient, as the all-reduce's dense gradients give them.)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trainer.row_optim import RowOptimizer, sum_rows
 from vitrine.gba import Aggregator, GBAConfig, Stats, staleness as gba_staleness
 from vitrine.snapshots import EpochSnapshots
 
@@ -42,9 +47,12 @@ class TokenReused(ValueError):
 
 class ParameterShard:
     def __init__(self, shard: int, shards: int, optimizer: str = "adam", lr: float = 1e-3, lr_decay: float = 1.0,
-                 lr_decay_steps: int = 1 << 62):
+                 lr_decay_steps: int = 1 << 62, embedding_optimizer: str = "dense", embedding_lr: float | None = None):
         self.shard, self.shards = shard, shards
         self.optimizer, self.lr, self.lr_decay, self.lr_decay_steps = optimizer, lr, lr_decay, lr_decay_steps
+        self.rows = RowOptimizer(embedding_optimizer) if embedding_optimizer != "dense" else None
+        self.table_lr_scale = 1.0 if embedding_lr is None else embedding_lr / lr
+        self.row_state: dict[str, dict[str, Tensor]] = {}  # per table, with a row-wise optimizer
         self.cond = threading.Condition()
         self.params: dict[str, Tensor] = {}
         self.tables: set[str] = set()
@@ -65,13 +73,19 @@ class ParameterShard:
         with self.cond:
             self.params = {n: t.detach().clone().requires_grad_(True) for n, t in params.items()}
             self.tables = set(tables) & set(params)
-            plist = list(self.params.values())
+            row_wise = self.tables if self.rows is not None else set()
+            plist = [p for n, p in self.params.items() if n not in row_wise]
             self.opt = (torch.optim.Adam(plist, lr=self.lr) if self.optimizer == "adam"
                         else torch.optim.SGD(plist, lr=self.lr))
+            self.row_state = {}
             for name, st in state.items():
-                if st:
+                if name in row_wise:
+                    self.row_state[name] = {k: v.clone() for k, v in st.items()}
+                elif st:
                     self.opt.state[self.params[name]] = {k: (v.clone() if isinstance(v, Tensor) else v)
                                                          for k, v in st.items()}
+            for name in row_wise - set(self.row_state):
+                self.row_state[name] = self.rows.init_state(self.params[name].detach())
             self.step = int(step)
             self.snapshots.clear()
             self._stepped()
@@ -82,6 +96,7 @@ class ParameterShard:
             assert self.opt is not None, "shard holds no state yet"
             state = {n: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.opt.state.get(p, {}).items()}
                      for n, p in self.params.items()}
+            state.update({n: {k: v.clone() for k, v in st.items()} for n, st in self.row_state.items()})
             return {"params": {n: p.detach().clone() for n, p in self.params.items()}, "state": state,
                     "step": self.step}
 
@@ -179,7 +194,15 @@ class ParameterShard:
         lr = self.lr * self.lr_decay ** (self.step // self.lr_decay_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        for name, st in self.row_state.items():
+            p = self.params[name]
+            parts = [(sparse[name][0], sparse[name][1] if w == 1.0 else sparse[name][1] * w)
+                     for w, _, (_, sparse) in contributions if name in sparse]
+            rows, grad = sum_rows(parts, p.shape[1], p.dtype)
+            self.rows.apply(p.data, st, rows, grad / divisor if divisor != 1 else grad, lr * self.table_lr_scale)
         for name, p in self.params.items():
+            if name in self.row_state:
+                continue
             grad = torch.zeros_like(p)
             for w, _, (dense, sparse) in contributions:
                 if name in self.tables:
