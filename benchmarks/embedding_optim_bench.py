@@ -1,7 +1,8 @@
 """Which embedding optimizer trains best? (issue 20, item 1: the default is the one that does)
 
 Trains the default model (`--features ids+images`, attentive, 8 epochs) on the default world, as
-`benchmarks/dicm_quality.py` does, once per seed with each embedding optimizer: `dense` (Adam over
+`benchmarks/dicm_quality.py` does (one torch thread: two threads on two
+busy cores run several times slower), once per seed with each embedding optimizer: `dense` (Adam over
 whole tables, the trainer before row-wise optimizers), `lazy_adam` and `rowwise_adagrad` (at its own
 learning rate, `--embedding-lr`, since Adagrad's steps shrink as its accumulator grows). Prints test
 AUC, GAUC and cold-start AUC per seed, the mean difference to `dense` paired by seed with its
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(a.work) / "runs" / f"embopt-{name}-{a.features.replace('+', '_')}-{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
             cfg = TrainConfig(dataset=str(ds), features=a.features, seed=seed, epochs=a.epochs, progress=False,
-                              track=False, run_dir=str(run_dir), embedding_optimizer=name, **CANDIDATES[name])
+                              track=False, run_dir=str(run_dir), embedding_optimizer=name, threads=1,
+                              **CANDIDATES[name])
             t0 = time.perf_counter()
             r = train(cfg)
             r["seconds"] = time.perf_counter() - t0
