@@ -3,8 +3,8 @@
 Trains the default model (`--features ids+images`, attentive, 8 epochs) on the default world, as
 `benchmarks/dicm_quality.py` does (one torch thread: two threads on two
 busy cores run several times slower), once per seed with each embedding optimizer: `dense` (Adam over
-whole tables, the trainer before row-wise optimizers), `lazy_adam` and `rowwise_adagrad` (at its own
-learning rate, `--embedding-lr`, since Adagrad's steps shrink as its accumulator grows). Prints test
+whole tables, the trainer before row-wise optimizers), `lazy_adam` and `rowwise_adagrad`, each at its own
+learning rate (`TABLE_LR` in trainer/row_optim.py). Prints test
 AUC, GAUC and cold-start AUC per seed, the mean difference to `dense` paired by seed with its
 standard error, and samples/s; writes benchmarks/results/embedding_optim.json.
 
@@ -29,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 MAX_DROP = 0.002
-CANDIDATES = {"dense": {}, "lazy_adam": {}, "rowwise_adagrad": {"embedding_lr": 0.01}}
+# Dense Adam at --lr; each row-wise optimizer at its own default rate (trainer/row_optim.py TABLE_LR:
+# a row moves only when a batch touches it, and Adagrad's steps shrink as its accumulator grows).
+CANDIDATES = {"dense": {}, "lazy_adam": {}, "rowwise_adagrad": {}}
 
 
 def main(argv: list[str] | None = None) -> int:

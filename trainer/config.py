@@ -74,11 +74,13 @@ class ModelSettings:
     id_dropout: float = field(default=0.2, metadata=_h("share of training rows whose ad item and image IDs are replaced by OOV, so the model learns to score items it has no ID for (cold start)"))
     optimizer: str = field(default="adam", metadata=_h("adam (paper) or sgd", choices=("adam", "sgd")))
     lr: float = field(default=1e-3, metadata=_h("learning rate of the model and of the descriptor head"))
-    embedding_optimizer: str = field(default="lazy_adam", metadata=_h(
-        "optimizer of the embedding tables: lazy_adam or rowwise_adagrad update only the rows a batch "
-        "touches, so a step costs the same for any vocabulary (trainer/row_optim.py); dense: --optimizer "
-        "over whole tables", choices=("lazy_adam", "rowwise_adagrad", "dense")))
-    embedding_lr: float | None = field(default=None, metadata=_h("learning rate of the embedding tables (default: --lr)"))
+    embedding_optimizer: str = field(default="rowwise_adagrad", metadata=_h(
+        "optimizer of the embedding tables: rowwise_adagrad (one accumulator per row) or lazy_adam update "
+        "only the rows a batch touches, so a step costs the same for any vocabulary (trainer/row_optim.py); "
+        "dense: --optimizer over whole tables", choices=("rowwise_adagrad", "lazy_adam", "dense")))
+    embedding_lr: float | None = field(default=None, metadata=_h(
+        "learning rate of the embedding tables (default: the optimizer's own, trainer/row_optim.py "
+        "TABLE_LR: 4e-3 lazy_adam, 3e-2 rowwise_adagrad; --lr for dense); it follows --lr's decay"))
     lr_decay: float = field(default=0.9, metadata=_h("multiply the learning rate by this every lr_decay_steps"))
     lr_decay_steps: int = field(default=24_000, metadata=_h("steps between learning-rate decays (paper: 24k)"))
 
@@ -154,7 +156,10 @@ class TrainConfig(RunSettings, PicassoSettings, GBASettings, ModelSettings, Dist
 
     def table_lr(self, lr: float) -> float:
         """The embedding tables' learning rate when the dense layers' is `lr` (the same schedule)."""
-        return lr if self.embedding_lr is None else lr * self.embedding_lr / self.lr
+        from trainer.row_optim import TABLE_LR
+
+        base = self.embedding_lr if self.embedding_lr is not None else TABLE_LR.get(self.embedding_optimizer)
+        return lr if base is None else lr * base / self.lr
 
     def image_gba(self) -> tuple[int, float]:
         """(threshold, decay) of the image service's gba policy: the PS's unless set on their own."""

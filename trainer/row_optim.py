@@ -34,6 +34,12 @@ import torch
 from torch import Tensor
 
 KINDS = ("dense", "lazy_adam", "rowwise_adagrad")
+# Each row-wise optimizer's own learning rate (`--embedding-lr` overrides it; `--lr`'s decay applies).
+# A row moves only on the steps that touch it (dense Adam also moved untouched rows on their
+# momentum), and Adagrad's steps shrink as its accumulator grows: at the dense layers' 1e-3 lazy Adam
+# trained 0.0048 test AUC below dense Adam. These are the best of a sweep on the default world
+# (benchmarks/embedding_optim_bench.py, benchmarks/results/2026-12-07-session15.md).
+TABLE_LR = {"lazy_adam": 4e-3, "rowwise_adagrad": 3e-2}
 
 
 @dataclass(frozen=True)

@@ -233,8 +233,7 @@ def start_shards(cfg, run_dir: Path, key: str, group: str, host_group: bool) -> 
                     "--key", key, "--group", group, "--world", str(cfg.workers), "--optimizer", cfg.optimizer,
                     "--lr", repr(cfg.lr), "--lr-decay", repr(cfg.lr_decay), "--lr-decay-steps", str(cfg.lr_decay_steps),
                     "--embedding-optimizer", cfg.embedding_optimizer, "--ready-file", str(ready)]
-            if cfg.embedding_lr is not None:
-                argv += ["--embedding-lr", repr(cfg.embedding_lr)]
+            argv += ["--embedding-lr", repr(cfg.table_lr(cfg.lr))]  # the tables' own rate, resolved here
             if host_group and s == 0:
                 argv.append("--host-group")
             out.append(Spawned(argv, ready, run_dir / f"ps{s}.log", f"parameter-server shard {s}", 120.0))
