@@ -154,25 +154,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the steady-state samples/s")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per row, round-robin over the rows; a row shows the median (and the range)")
     ap.add_argument("--work", default="/tmp/vitrine-scale")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     a = ap.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VITRINE_DATA", str(work / "data"))
-    rows = []
+    worlds = {}
     for users in a.vocabs:
         ds = ensure_world(work, users)
         fields = json.loads((ds / "manifest.json").read_text())["fields"]
-        sizes = {f["vocab"]: int(f["vocab_size"]) for f in fields if f.get("vocab")}
-        for mode in a.modes:
-            r = run(ds, mode, a.steps, work)
-            row = {"users": users, "user_rows": sizes.get("user_id", -1), "rows": sum(sizes.values()), "mode": mode,
-                   "per_user": round(world_config(users).impressions / users, 3),
-                   "samples_per_s": steady_samples_per_s(r["run_id"], a.warmup),
-                   "bytes_per_step": bytes_per_step(mode, r["result"]), "rss": r["rss"], "wall_s": r["wall_s"]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        worlds[users] = (ds, {f["vocab"]: int(f["vocab_size"]) for f in fields if f.get("vocab")})
+    runs: dict[tuple[int, str], list[dict]] = {}
+    for _ in range(a.repeats):  # round-robin: a slow spell of the machine touches every row alike
+        for users, (ds, sizes) in worlds.items():
+            for mode in a.modes:
+                r = run(ds, mode, a.steps, work)
+                one = {"samples_per_s": steady_samples_per_s(r["run_id"], a.warmup),
+                       "bytes_per_step": bytes_per_step(mode, r["result"]), "rss": r["rss"], "wall_s": r["wall_s"]}
+                runs.setdefault((users, mode), []).append(one)
+                print(json.dumps({"users": users, "mode": mode, **one}), flush=True)
+    rows = []
+    for (users, mode), rs in runs.items():
+        sizes = worlds[users][1]
+        med = sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2]
+        rows.append({"users": users, "user_rows": sizes.get("user_id", -1), "rows": sum(sizes.values()),
+                     "mode": mode, "per_user": round(world_config(users).impressions / users, 3), **med,
+                     "samples_per_s_runs": [r["samples_per_s"] for r in rs]})
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=2))
     print(table(rows))
@@ -187,7 +197,9 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|"]
     for r in rows:
         rss = ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in sorted(r["rss"].items()))
-        out.append(f"| {r['user_rows']:,} | {r['rows']:,} | {r['mode']} | {r['samples_per_s']:,.0f} | {r['bytes_per_step']:,.0f} | {rss} |")
+        runs = r.get("samples_per_s_runs", [])
+        spread = f" [{min(runs):,.0f}..{max(runs):,.0f}]" if len(runs) > 1 else ""
+        out.append(f"| {r['user_rows']:,} | {r['rows']:,} | {r['mode']} | {r['samples_per_s']:,.0f}{spread} | {r['bytes_per_step']:,.0f} | {rss} |")
     return "\n".join(out)
 
 
