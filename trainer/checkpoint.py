@@ -13,8 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vitrine.errors import UserError
 
 NAME = "checkpoint.pt"
@@ -24,6 +22,8 @@ def save(run_dir: Path, state: dict[str, Any]) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / NAME
     tmp = run_dir / f".{NAME}.tmp-{os.getpid()}"
+    import torch  # here, not at the top: a killed job's report needs NAME only, and fast
+
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path
@@ -34,6 +34,8 @@ def load(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"no checkpoint at {path}; --resume takes the run directory of an earlier `vitrine train`")
     try:
+        import torch
+
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a file that is not ours
         raise UserError(f"{path} is not a readable checkpoint ({exc})") from None

@@ -17,8 +17,9 @@ A single-process job has no launcher, so a small guardian process watches it ins
 holds the read end of a pipe whose write end only the job holds. The job writes "done" when it ends
 its own way (finished, stopped, or failed with its own message and its run marked); end of file
 without it means the job was killed (SIGKILL, the OOM killer): the guardian prints the line, marks the
-run FAILED and removes a run directory the job created but never checkpointed. It imports nothing
-heavy until then and ignores the terminal's signals (Ctrl-C reaches the job, which ends its own way).
+run FAILED and removes a run directory the job created but never checkpointed. It starts with the
+standard library only, imports MLflow at the lowest priority while the job runs (so the report is
+quick), and ignores the terminal's signals (Ctrl-C reaches the job, which ends its own way).
 """
 
 from __future__ import annotations
@@ -111,9 +112,22 @@ def guarded(run_dir: Path, created: bool):
         guardian.wait()
 
 
+def _warm() -> None:
+    """Import what reporting a kill needs (MLflow: seconds on a busy machine) while the job runs, at the
+    lowest priority, so the report itself is quick; the guardian's start stays stdlib-only."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        import mlflow.tracking  # noqa: F401
+
+        from vitrine import tracking  # noqa: F401
+    except Exception:  # noqa: BLE001 - a warm-up only; the report imports what it needs anyway
+        pass
+
+
 def _guard(pid: int, run_dir: Path, created: bool) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_warm, name="warm-mlflow", daemon=True).start()
     if sys.stdin.buffer.read() == DONE:
         return 0
     import shutil
